@@ -1,0 +1,1 @@
+"""Integration tests: real brokers and processes on loopback."""
