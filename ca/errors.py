@@ -1,0 +1,25 @@
+"""The CA's exception tree.
+
+CAError
+├── InvalidSubject   a device id / operator name outside SUBJECT_ID_PATTERN
+└── CSRRejected      a CSR (or public key) the CA will not sign; ``code`` says why:
+                     malformed | bad_signature | weak_key | unsupported_key | too_large
+"""
+
+from __future__ import annotations
+
+
+class CAError(Exception):
+    """Base of every error the CA raises on purpose."""
+
+
+class InvalidSubject(CAError):
+    """The subject id is not allowed in a certificate (it appears in MQTT topics)."""
+
+
+class CSRRejected(CAError):
+    """A certificate signing request, or the key in it, is not acceptable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

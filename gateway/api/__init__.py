@@ -1,0 +1,9 @@
+"""The HTTPS API (DESIGN.md §6): the only package that imports the web framework.
+
+Receives an `ApiContext` (services built by the composition root); hands on a
+FastAPI application served by uvicorn in the gateway's event loop.
+"""
+
+from gateway.api.app import ApiContext, create_app
+
+__all__ = ["ApiContext", "create_app"]

@@ -1,0 +1,221 @@
+"""FastAPI application: routes over the device service, bearer tokens with scopes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+import gateway
+from gateway.api import errors
+from gateway.api.schemas import (
+    DeviceEnvelope,
+    DeviceList,
+    Health,
+    PatchIn,
+    ProvisionIn,
+    ProvisionOut,
+    RegisterIn,
+    Registered,
+    Success,
+    device_out,
+    when,
+)
+from gateway.core import tokens
+from gateway.core.clock import utcnow
+from gateway.core.lifecycle import DeviceStatus
+from gateway.core.presence import Connection
+from gateway.core.records import SORTABLE_FIELDS, DeviceQuery
+from gateway.devices import DeviceService
+from gateway.errors import Forbidden, InvalidValue, StoreUnavailable, Unauthorized
+from gateway.pki import Pki
+from gateway.store import Store
+
+PEM = "application/x-pem-file"
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    devices: DeviceService
+    store: Store
+    pki: Pki
+    session_count: object  # Callable[[], int]; kept loose so tests can pass a lambda
+
+
+def _ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API token (gateway init prints the admin token)")
+
+
+def require(scope: str) -> object:
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if credentials is None or not credentials.credentials:
+            raise Unauthorized("missing bearer token", code="unauthorized")
+        token = await _ctx(request).store.find_api_token(tokens.hash_token(credentials.credentials), utcnow())
+        if token is None:
+            raise Unauthorized("invalid, expired or revoked token", code="unauthorized")
+        if not tokens.allows(token.scopes, scope):
+            raise Forbidden(f"this token lacks the {scope!r} scope", code="forbidden")
+        request.state.token_name = token.name
+
+    return Depends(check)
+
+
+READ, WRITE, ADMIN = require(tokens.READ), require(tokens.WRITE), require(tokens.ADMIN)
+
+
+def _sort(raw: str | None) -> tuple[str, ...]:
+    if not raw:
+        return ("created_at",)
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    bad = [key for key in keys if key.lstrip("-") not in SORTABLE_FIELDS]
+    if bad:
+        raise InvalidValue(
+            f"cannot sort by {', '.join(bad)}; sortable: {', '.join(sorted(SORTABLE_FIELDS))}",
+            code="invalid_sort",
+        )
+    return keys
+
+
+def build_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/devices", status_code=201, response_model=Registered, dependencies=[WRITE], tags=["devices"])
+    async def register(body: RegisterIn, request: Request) -> Registered:
+        """Register a device (status ``pending``) and make its one-time registration token."""
+        reg = await _ctx(request).devices.register(body.name, body.id)
+        return Registered(
+            data=device_out(reg.device), registration_token=reg.token, token_expires_at=when(reg.expires_at)
+        )
+
+    @r.get("/devices", response_model=DeviceList, dependencies=[READ], tags=["devices"])
+    async def list_devices(
+        request: Request,
+        search: Annotated[str | None, Query(max_length=200, description="in name or id, any case")] = None,
+        blocked: Literal["all", "hide", "only"] = "all",
+        status: Literal["pending", "active", "inactive", "maintenance", "revoked"] | None = None,
+        connection: Literal["online", "offline"] | None = None,
+        sort: Annotated[
+            str | None, Query(description="fields, '-' for descending, e.g. -last_seen_at,name")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> DeviceList:
+        """List devices with filters, sorting and paging."""
+        query = DeviceQuery(
+            search=search,
+            blocked=blocked,
+            status=DeviceStatus(status) if status else None,
+            connection=Connection(connection) if connection else None,
+            sort=_sort(sort),
+            limit=limit,
+            offset=offset,
+        )
+        found, total = await _ctx(request).devices.list(query)
+        return DeviceList(data=[device_out(d) for d in found], total=total, limit=limit, offset=offset)
+
+    @r.post("/devices/provision", response_model=ProvisionOut, tags=["provisioning"])
+    async def provision(body: ProvisionIn, request: Request) -> ProvisionOut:
+        """Exchange a one-time registration token and a CSR for a device certificate (no bearer token)."""
+        result = await _ctx(request).devices.provision(body.token, body.csr)
+        return ProvisionOut(
+            device_id=result.device_id,
+            certificate=result.certificate_pem,
+            ca_chain=result.ca_chain_pem,
+            certificate_serial=result.serial,
+            not_after=when(result.not_after),
+        )
+
+    @r.get("/devices/{device_id}", response_model=DeviceEnvelope, dependencies=[READ], tags=["devices"])
+    async def show(device_id: str, request: Request) -> DeviceEnvelope:
+        return DeviceEnvelope(data=device_out(await _ctx(request).devices.get(device_id)))
+
+    @r.patch("/devices/{device_id}", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"])
+    async def patch(device_id: str, body: PatchIn, request: Request) -> DeviceEnvelope:
+        """Rename and/or change status (``inactive`` cuts a live session at once)."""
+        service = _ctx(request).devices
+        device = await service.get(device_id)
+        if body.name is not None:
+            device = await service.rename(device_id, body.name)
+        if body.status is not None:
+            device = await service.request_status(device_id, DeviceStatus(body.status))
+        return DeviceEnvelope(data=device_out(device))
+
+    @r.post(
+        "/devices/{device_id}/block", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"]
+    )
+    async def block(device_id: str, request: Request) -> DeviceEnvelope:
+        """Refuse the device and cut its live session at once; certificates stay valid."""
+        return DeviceEnvelope(data=device_out(await _ctx(request).devices.block(device_id)))
+
+    @r.post(
+        "/devices/{device_id}/unblock", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"]
+    )
+    async def unblock(device_id: str, request: Request) -> DeviceEnvelope:
+        return DeviceEnvelope(data=device_out(await _ctx(request).devices.unblock(device_id)))
+
+    @r.post(
+        "/devices/{device_id}/revoke", response_model=DeviceEnvelope, dependencies=[ADMIN], tags=["devices"]
+    )
+    async def revoke(device_id: str, request: Request) -> DeviceEnvelope:
+        """Final: status ``revoked``, every certificate on the CRL, live session cut."""
+        return DeviceEnvelope(data=device_out(await _ctx(request).devices.revoke(device_id)))
+
+    @r.delete("/devices/{device_id}", response_model=Success, dependencies=[ADMIN], tags=["devices"])
+    async def delete(device_id: str, request: Request) -> Success:
+        """Revoke, cut the session, then remove the record (certificates stay on the CRL)."""
+        await _ctx(request).devices.delete(device_id)
+        return Success(success=True)
+
+    @r.get("/ca/certificate", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
+    async def ca_certificate(request: Request) -> Response:
+        """The gateway's root CA certificate (PEM): devices trust the gateway with it."""
+        return Response(_ctx(request).pki.ca_pem, media_type=PEM)
+
+    @r.get("/ca/crl", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
+    async def ca_crl(request: Request) -> Response:
+        """The current certificate revocation list (PEM)."""
+        return Response(_ctx(request).pki.crl_pem(), media_type=PEM)
+
+    return r
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(
+        title="Device gateway API",
+        version=gateway.__version__,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.ctx = ctx
+    errors.install(app)
+    app.include_router(build_router(), prefix="/api/v1")
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz(request: Request, response: Response) -> Health:
+        """Liveness and readiness for the container's health check (no auth)."""
+        context = _ctx(request)
+        database: Literal["ok", "unavailable"] = "ok"
+        try:
+            await context.store.ping()
+        except StoreUnavailable:
+            database = "unavailable"
+            response.status_code = 503
+        count = context.session_count() if callable(context.session_count) else 0
+        return Health(
+            status="ok" if database == "ok" else "degraded",
+            database=database,
+            mqtt_sessions=int(count),
+            version=gateway.__version__,
+        )
+
+    return app

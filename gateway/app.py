@@ -1,0 +1,197 @@
+"""The composition root: builds every component once, starts them in order, stops them.
+
+Receives `Settings`; hands on a running gateway (MQTT listener + HTTPS API in one
+event loop) until asked to stop. Start order: PKI and database (``init``), MQTT
+engine, presence recovery (devices left ONLINE -> ``gateway_restart``), CRL from the
+registry, listener, API. Stop order: stop accepting, close every session with
+``gateway_shutdown`` (DB first, then retained status), then the engine and database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.api import ApiContext, create_app
+from gateway.api.server import ApiServer
+from gateway.broker import MqttEngine
+from gateway.config import Settings
+from gateway.core import tokens
+from gateway.core.clock import utcnow
+from gateway.core.presence import OfflineReason
+from gateway.devices import DeviceService
+from gateway.events import Events
+from gateway.listener import MqttListener
+from gateway.logs import get_logger
+from gateway.pki import Pki, PkiPaths, TlsContexts, initialise as initialise_pki
+from gateway.presence import PresenceService
+from gateway.sessions import Gatekeeper
+from gateway.store import Store
+
+log = get_logger("gateway.app")
+
+CRL_REFRESH_INTERVAL_S = 6 * 3600
+
+
+@dataclass
+class InitReport:
+    created: list[str] = field(default_factory=list)
+    admin_token: str | None = None  # only when this run created it
+    admin_token_path: Path | None = None
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write a secret file with mode 0600 (created so; never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+async def initialise(settings: Settings) -> InitReport:
+    """Create the CA, server certificate, CRL, schema and admin token if missing (idempotent)."""
+    report = InitReport()
+    settings.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    now = utcnow()
+    report.created += initialise_pki(
+        PkiPaths(settings.paths.certs_dir),
+        settings.server.hostnames,
+        now,
+        timedelta(days=settings.ca.crl_next_update_days),
+    )
+    store = Store(settings.database_url, busy_timeout_s=settings.database.busy_timeout_s)
+    try:
+        await store.create_schema()
+        if await store.count_api_tokens() == 0:
+            token = tokens.new_token(tokens.API_PREFIX)
+            await store.add_api_token("admin", tokens.hash_token(token), tokens.ALL_SCOPES, now)
+            write_secret(settings.admin_token_path, token)
+            report.admin_token = token
+            report.admin_token_path = settings.admin_token_path
+            report.created.append("admin API token")
+            log.info("init.admin_token_created", path=str(settings.admin_token_path))
+    finally:
+        await store.close()
+    return report
+
+
+class GatewayApp:
+    """One running gateway. `start()`, then `stop()`; or ``async with``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.init_report: InitReport | None = None
+        self.store = Store(settings.database_url, busy_timeout_s=settings.database.busy_timeout_s)
+        self.engine = MqttEngine(settings.mqtt)
+        self.events = Events(self.engine)
+        self.presence = PresenceService(self.store, self.events)
+        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events)
+        self._background: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        self.init_report = await initialise(self.settings)
+        self.pki = Pki.load(PkiPaths(self.settings.paths.certs_dir))
+        self.tls = TlsContexts(self.pki)
+        self.devices = DeviceService(
+            self.store,
+            self.pki,
+            self.tls,
+            self.engine,
+            self.events,
+            token_ttl=timedelta(hours=self.settings.provisioning.token_ttl_hours),
+            device_validity=timedelta(days=self.settings.ca.device_validity_days),
+            crl_next_update=timedelta(days=self.settings.ca.crl_next_update_days),
+        )
+        await self.engine.start(self.gatekeeper)
+        recovered = await self.presence.recover()
+        await self.devices.refresh_crl()
+        self.listener = MqttListener(self.engine, self.tls, self.settings.mqtt)
+        await self.listener.start()
+        api = create_app(
+            ApiContext(
+                devices=self.devices,
+                store=self.store,
+                pki=self.pki,
+                session_count=lambda: self.engine.connected_count,
+            )
+        )
+        self.api = ApiServer(
+            api,
+            host=self.settings.api.host,
+            port=self.settings.api.port,
+            certfile=self.pki.paths.server_cert,
+            keyfile=self.pki.paths.server_key,
+        )
+        await self.api.start()
+        self._background = asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh")
+        self._started = True
+        log.info(
+            "gateway.started",
+            mqtt=f"{self.settings.mqtt.host}:{self.mqtt_port}",
+            api=f"https://{self.settings.api.host}:{self.api_port}",
+            recovered_offline=recovered,
+        )
+
+    @property
+    def mqtt_port(self) -> int:
+        return self.listener.port
+
+    @property
+    def api_port(self) -> int:
+        return self.api.port
+
+    async def _refresh_crl_periodically(self) -> None:
+        """Re-sign the CRL well before its next-update time (an expired CRL fails every handshake)."""
+        while True:
+            await asyncio.sleep(CRL_REFRESH_INTERVAL_S)
+            try:
+                await self.devices.refresh_crl()
+            except Exception:
+                log.exception("pki.crl_refresh_failed")
+
+    async def stop(self) -> None:
+        if not self._started:
+            await self.store.close()
+            return
+        self._started = False
+        log.info("gateway.stopping")
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+        await self.listener.stop_accepting()
+        await self.api.stop()
+        closed = await self.engine.kick_all(OfflineReason.GATEWAY_SHUTDOWN)
+        swept = await self.presence.sweep(OfflineReason.GATEWAY_SHUTDOWN)
+        await self.listener.wait_connections_closed(timeout=5)
+        await self.engine.stop()
+        await self.store.close()
+        log.info("gateway.stopped", sessions_closed=closed, swept=swept)
+
+    async def __aenter__(self) -> GatewayApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    app = GatewayApp(settings)
+    try:
+        await app.start()
+        await stop.wait()
+    finally:
+        await app.stop()

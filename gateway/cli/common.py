@@ -1,0 +1,78 @@
+"""Shared CLI plumbing: settings from ``--config``, output as a table or one JSON document,
+and errors as one line on stderr with a non-zero exit status."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ApiError, GatewayError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class State:
+    config: Path | None = None
+
+
+def settings_from(ctx: typer.Context) -> Settings:
+    state: State = ctx.find_root().obj or State()
+    return load_settings(state.config)
+
+
+def fails_cleanly(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn the gateway's errors into ``error: ...`` on stderr and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except ApiError as exc:
+            detail = f" [{exc.code}]" if exc.code not in ("api_error", "unreachable") else ""
+            typer.echo(f"error: {exc.message}{detail}", err=True)
+            raise typer.Exit(1) from exc
+        except GatewayError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(1) from exc
+
+    return wrapper
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
+    """A plain aligned table (header, rows); ``-`` for empty cells."""
+    cells = [
+        [str(row.get(key) if row.get(key) not in (None, "") else "-") for key, _ in columns] for row in rows
+    ]
+    headers = [title for _, title in columns]
+    widths = [max([len(headers[i])] + [len(r[i]) for r in cells]) for i in range(len(columns))]
+    bold = sys.stdout.isatty()
+    header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    typer.echo(typer.style(header, bold=True) if bold else header)
+    for row in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_record(record: dict[str, Any], *, skip: Sequence[str] = ()) -> None:
+    """A record as ``key: value`` lines, nested objects indented."""
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for sub, sub_value in value.items():
+                typer.echo(f"  {sub}: {sub_value if sub_value is not None else '-'}")
+        else:
+            typer.echo(f"{key.ljust(width)}  {value if value is not None else '-'}")

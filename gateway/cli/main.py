@@ -1,0 +1,116 @@
+"""Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import gateway
+from gateway import logs
+from gateway.app import initialise, serve
+from gateway.cli import devices, operators, tail
+from gateway.cli.common import State, fails_cleanly, print_json, settings_from
+
+app = typer.Typer(
+    name="gateway",
+    help="MQTT device gateway with mutual TLS: devices get an identity, connect with client "
+    "certificates, show up ONLINE/OFFLINE, and are cut off the moment you block or revoke them.\n\n"
+    "Quick start: `gateway serve` in one terminal, then `gateway devices register NAME`.",
+    no_args_is_help=True,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(devices.app, name="devices")
+app.add_typer(operators.app, name="operators")
+app.command("tail")(tail.tail)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gateway {gateway.__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML settings file [default: config/gateway.toml when present]",
+            envvar="GATEWAY_CONFIG",
+            dir_okay=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    state = State()
+    state.config = config
+    ctx.obj = state
+
+
+@app.command()
+@fails_cleanly
+def init(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Create the CA, server certificate, CRL, database and admin API token (never overwrites).
+
+    The admin token is printed once and written to <data_dir>/admin.token (mode 0600).
+    """
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+    report = asyncio.run(initialise(settings))
+    if json_out:
+        print_json(
+            {
+                "created": report.created,
+                "admin_token": report.admin_token,
+                "admin_token_path": str(report.admin_token_path) if report.admin_token_path else None,
+                "certs_dir": str(settings.paths.certs_dir),
+                "data_dir": str(settings.paths.data_dir),
+            }
+        )
+        return
+    if not report.created:
+        typer.echo("Already initialised; nothing changed.")
+    for item in report.created:
+        typer.echo(f"created {item}")
+    if report.admin_token:
+        typer.echo(
+            f"\nAdmin API token (shown once, also saved to {report.admin_token_path}):\n  {report.admin_token}"
+        )
+
+
+@app.command(name="serve")
+@fails_cleanly
+def serve_command(ctx: typer.Context) -> None:
+    """Run the MQTT listener and the HTTPS API (runs `init` first if needed).
+
+    SIGTERM or Ctrl-C shut down cleanly: every device is marked OFFLINE with reason
+    gateway_shutdown before the process exits.
+    """
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    app()

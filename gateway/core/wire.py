@@ -1,0 +1,212 @@
+"""Strict checks on raw MQTT 3.1.1 packets from clients, before amqtt parses them.
+
+Receives one packet as (first byte, body) once the shell has framed it (and has
+already enforced the size limit); hands on nothing, or raises `ProtocolViolation`.
+A violation closes the connection, as Mosquitto does. This closes amqtt's laxness
+(AMQTT-NOTES gap 11): invalid UTF-8 or NUL in topics and client ids, SUBSCRIBE with
+QoS 3, wrong fixed-header flags, SUBSCRIBE/UNSUBSCRIBE without filters, packets only
+a server may send, a second CONNECT.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gateway.core.topics import Topic
+from gateway.errors import InvalidValue, ProtocolViolation
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+
+NAMES = {
+    CONNECT: "CONNECT",
+    CONNACK: "CONNACK",
+    PUBLISH: "PUBLISH",
+    PUBACK: "PUBACK",
+    PUBREC: "PUBREC",
+    PUBREL: "PUBREL",
+    PUBCOMP: "PUBCOMP",
+    SUBSCRIBE: "SUBSCRIBE",
+    SUBACK: "SUBACK",
+    UNSUBSCRIBE: "UNSUBSCRIBE",
+    UNSUBACK: "UNSUBACK",
+    PINGREQ: "PINGREQ",
+    PINGRESP: "PINGRESP",
+    DISCONNECT: "DISCONNECT",
+}
+# Packets a client may send after CONNECT, with their required fixed-header flags
+# (None: PUBLISH, whose flags carry DUP/QoS/RETAIN and are checked separately).
+_CLIENT_FLAGS: dict[int, int | None] = {
+    PUBLISH: None,
+    PUBACK: 0,
+    PUBREC: 0,
+    PUBREL: 0b0010,
+    PUBCOMP: 0,
+    SUBSCRIBE: 0b0010,
+    UNSUBSCRIBE: 0b0010,
+    PINGREQ: 0,
+    DISCONNECT: 0,
+}
+_FIXED_BODY = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
+
+
+def violation(message: str) -> ProtocolViolation:
+    return ProtocolViolation(message, code="protocol_violation")
+
+
+class _Cursor:
+    """Reads MQTT fields from a packet body; any shortfall is a violation."""
+
+    __slots__ = ("body", "pos")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.body) - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.remaining() < n:
+            raise violation(f"packet too short for {what}")
+        chunk = self.body[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        value: int = struct.unpack("!H", self.take(2, what))[0]
+        return value
+
+    def text(self, what: str) -> str:
+        raw = self.take(self.u16(f"{what} length"), what)
+        try:
+            value = raw.decode("utf-8", "strict")
+        except UnicodeDecodeError as exc:
+            raise violation(f"{what} is not valid UTF-8") from exc
+        if "\x00" in value:
+            raise violation(f"{what} contains NUL")  # MQTT-1.5.3-2
+        return value
+
+    def binary(self, what: str) -> bytes:
+        return self.take(self.u16(f"{what} length"), what)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFields:
+    """The claims of a well-formed CONNECT (identity is never taken from here)."""
+
+    protocol_level: int
+    client_id: str
+    clean_session: bool
+    keep_alive: int
+    will_topic: str | None
+
+
+def parse_connect(flags: int, body: bytes) -> ConnectFields:
+    """The first packet: must be CONNECT with zero flags and well-formed strings."""
+    if flags != 0:
+        raise violation("CONNECT fixed-header flags must be 0")
+    cur = _Cursor(body)
+    cur.text("protocol name")
+    level = cur.u8("protocol level")
+    connect_flags = cur.u8("connect flags")
+    keep_alive = cur.u16("keep alive")
+    if connect_flags & 0x01:
+        raise violation("CONNECT reserved flag must be 0")  # MQTT-3.1.2-3
+    client_id = cur.text("client id")
+    will = bool(connect_flags & 0x04)
+    will_qos = (connect_flags >> 3) & 0x03
+    if not will and (will_qos or connect_flags & 0x20):
+        raise violation("will QoS/retain set without the will flag")  # MQTT-3.1.2-13/15
+    if will_qos == 3:
+        raise violation("will QoS 3 is not allowed")  # MQTT-3.1.2-14
+    will_topic = None
+    if will:
+        will_topic = cur.text("will topic")
+        try:
+            Topic(will_topic)
+        except InvalidValue as exc:
+            raise violation(f"bad will topic: {exc.message}") from exc
+        cur.binary("will message")
+    if connect_flags & 0x80:
+        cur.text("user name")
+    if connect_flags & 0x40:
+        cur.binary("password")
+    return ConnectFields(level, client_id, bool(connect_flags & 0x02), keep_alive, will_topic)
+
+
+def check_packet(packet_type: int, flags: int, body: bytes) -> None:
+    """A packet after CONNECT. Raises ProtocolViolation; returns None when acceptable."""
+    if packet_type == CONNECT:
+        raise violation("a second CONNECT on one connection")  # MQTT-3.1.0-2
+    if packet_type not in _CLIENT_FLAGS:
+        name = NAMES.get(packet_type, f"reserved type {packet_type}")
+        raise violation(f"{name} may not be sent by a client")
+    required = _CLIENT_FLAGS[packet_type]
+    if required is not None and flags != required:
+        raise violation(f"{NAMES[packet_type]} fixed-header flags must be {required:#06b}")
+    expected = _FIXED_BODY.get(packet_type)
+    if expected is not None and len(body) != expected:
+        raise violation(f"{NAMES[packet_type]} must have a {expected}-byte body")
+    if packet_type == PUBLISH:
+        _check_publish(flags, body)
+    elif packet_type == SUBSCRIBE:
+        _check_subscribe(body)
+    elif packet_type == UNSUBSCRIBE:
+        _check_unsubscribe(body)
+    elif packet_type in (PUBACK, PUBREC, PUBREL, PUBCOMP) and _packet_id(body) == 0:
+        raise violation(f"{NAMES[packet_type]} with packet id 0")
+
+
+def _packet_id(body: bytes) -> int:
+    value: int = struct.unpack("!H", body[:2])[0]
+    return value
+
+
+def publish_qos(flags: int) -> int:
+    return (flags >> 1) & 0x03
+
+
+def _check_publish(flags: int, body: bytes) -> None:
+    qos = publish_qos(flags)
+    if qos == 3:
+        raise violation("PUBLISH with QoS 3")  # MQTT-3.3.1-4
+    if qos == 0 and flags & 0x08:
+        raise violation("PUBLISH QoS 0 with DUP set")  # MQTT-3.3.1-2
+    cur = _Cursor(body)
+    topic = cur.text("topic name")
+    try:
+        Topic(topic)
+    except InvalidValue as exc:
+        raise violation(f"bad PUBLISH topic: {exc.message}") from exc  # MQTT-3.3.2-2
+    if qos and cur.u16("packet id") == 0:
+        raise violation("PUBLISH with packet id 0")
+
+
+def _check_subscribe(body: bytes) -> None:
+    cur = _Cursor(body)
+    if cur.u16("packet id") == 0:
+        raise violation("SUBSCRIBE with packet id 0")
+    if not cur.remaining():
+        raise violation("SUBSCRIBE without topic filters")  # MQTT-3.8.3-3
+    while cur.remaining():
+        if not cur.text("topic filter"):
+            raise violation("empty topic filter")  # MQTT-4.7.3-1
+        options = cur.u8("requested QoS")
+        if options & 0xFC or options == 3:
+            raise violation("SUBSCRIBE requested QoS must be 0, 1 or 2")  # MQTT-3-8.3-4
+
+
+def _check_unsubscribe(body: bytes) -> None:
+    cur = _Cursor(body)
+    if cur.u16("packet id") == 0:
+        raise violation("UNSUBSCRIBE with packet id 0")
+    if not cur.remaining():
+        raise violation("UNSUBSCRIBE without topic filters")  # MQTT-3.10.3-2
+    while cur.remaining():
+        if not cur.text("topic filter"):
+            raise violation("empty topic filter")

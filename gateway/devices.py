@@ -1,0 +1,230 @@
+"""Operator actions on devices: register, provision, rename, status, block, revoke, delete.
+
+Receives validated requests from the API; hands on registry changes (store), new
+certificates and CRLs (PKI), a fresh TLS context after every revocation, kicks of
+live sessions, and ``gateway/events/device`` events. Access is withdrawn in the
+database first, then the live session is cut, so a reconnect racing the kick is
+refused too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import ca
+from gateway.core import lifecycle, tokens
+from gateway.core.admission import CertificateKind
+from gateway.core.clock import utcnow
+from gateway.core.ids import DeviceId
+from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
+from gateway.core.presence import OfflineReason
+from gateway.core.records import DeviceQuery, DeviceRecord
+from gateway.errors import InvalidValue, ProvisioningRefused
+from gateway.events import Events
+from gateway.logs import get_logger
+from gateway.pki import Pki, TlsContexts
+from gateway.store import Store
+
+log = get_logger("gateway.devices")
+
+MAX_NAME_LENGTH = 200
+
+
+class SessionControl(Protocol):
+    async def kick(self, key: str, reason: OfflineReason, *, wait_s: float = 2.0) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    device: DeviceRecord
+    token: str  # shown once, never stored
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    device_id: str
+    certificate_pem: str
+    ca_chain_pem: str
+    serial: str
+    not_after: datetime
+
+
+def clean_name(name: str) -> str:
+    name = name.strip() if isinstance(name, str) else ""
+    if not name or len(name) > MAX_NAME_LENGTH or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise InvalidValue(
+            f"device name must be 1-{MAX_NAME_LENGTH} printable characters", code="invalid_name"
+        )
+    return name
+
+
+class DeviceService:
+    def __init__(
+        self,
+        store: Store,
+        pki: Pki,
+        tls: TlsContexts,
+        sessions: SessionControl,
+        events: Events,
+        *,
+        token_ttl: timedelta,
+        device_validity: timedelta,
+        crl_next_update: timedelta,
+    ) -> None:
+        self._store = store
+        self._pki = pki
+        self._tls = tls
+        self._sessions = sessions
+        self._events = events
+        self._token_ttl = token_ttl
+        self._device_validity = device_validity
+        self._crl_next_update = crl_next_update
+
+    # --- registration and provisioning ---------------------------------------------
+
+    async def register(self, name: str, device_id: str | None = None) -> Registration:
+        now = utcnow()
+        did = DeviceId(device_id) if device_id is not None else DeviceId.generate()
+        device = await self._store.create_device(did, clean_name(name), now)
+        registration = await self._new_token(device, now)
+        log.info("device.registered", device_id=device.id)
+        await self._events.emit("device", action="registered", device_id=device.id)
+        return registration
+
+    async def _new_token(self, device: DeviceRecord, now: datetime) -> Registration:
+        token = tokens.new_token(tokens.REGISTRATION_PREFIX)
+        expires_at = now + self._token_ttl
+        await self._store.add_registration_token(device.id, tokens.hash_token(token), now, expires_at)
+        return Registration(device, token, expires_at)
+
+    async def provision(self, token: str, csr: str | bytes) -> Provisioned:
+        """Redeem a one-time token with a CSR; the certificate names the token's device."""
+        if not isinstance(token, str) or not token.startswith(tokens.REGISTRATION_PREFIX):
+            raise ProvisioningRefused("registration token is not valid", code="token_invalid")
+        try:
+            vetted = ca.vet_csr(csr)
+        except ca.CSRRejected as exc:
+            raise ProvisioningRefused(f"CSR rejected: {exc}", code=f"csr_{exc.code}") from exc
+        now = utcnow()
+        device, cert = await self._store.provision(
+            tokens.hash_token(token),
+            now,
+            lambda device: self._pki.issue(
+                vetted.public_key,
+                subject=device.id,
+                kind=CertificateKind.DEVICE,
+                now=now,
+                validity=self._device_validity,
+            ),
+        )
+        log.info("device.provisioned", device_id=device.id, serial=cert.serial, key=vetted.key_description)
+        await self._events.emit(
+            "device", action="provisioned", device_id=device.id, certificate_serial=cert.serial
+        )
+        return Provisioned(device.id, cert.pem, self._pki.ca_pem.decode("ascii"), cert.serial, cert.not_after)
+
+    # --- queries ------------------------------------------------------------------
+
+    async def get(self, device_id: str) -> DeviceRecord:
+        return await self._store.get_device(device_id)
+
+    async def list(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
+        return await self._store.list_devices(query)
+
+    # --- changes ------------------------------------------------------------------
+
+    async def rename(self, device_id: str, name: str) -> DeviceRecord:
+        device = await self._store.update_device(device_id, utcnow(), name=clean_name(name))
+        await self._events.emit("device", action="renamed", device_id=device_id, name=device.name)
+        return device
+
+    async def request_status(self, device_id: str, requested: DeviceStatus) -> DeviceRecord:
+        """PATCH status: active | inactive | maintenance, through the lifecycle table."""
+        event = lifecycle.event_for_requested(requested)
+        return await self._transition(device_id, event)
+
+    async def _transition(self, device_id: str, event: LifecycleEvent) -> DeviceRecord:
+        current = await self._store.get_device(device_id)
+        new = lifecycle.next_status(current.status, event, checked_in=current.checked_in_at is not None)
+        device = current
+        if new is not current.status:
+            device = await self._store.change_status(device_id, current.status, new, utcnow())
+            await self._events.emit(
+                "device",
+                action="status_changed",
+                device_id=device_id,
+                status=new.value,
+                previous=current.status.value,
+            )
+            log.info(
+                "device.status_changed", device_id=device_id, status=new.value, previous=current.status.value
+            )
+        if new not in lifecycle.CONNECTABLE:
+            reason = OfflineReason.REVOKED if new is DeviceStatus.REVOKED else OfflineReason.DEACTIVATED
+            await self._kick(device_id, reason)
+        return device
+
+    async def block(self, device_id: str) -> DeviceRecord:
+        device = await self._store.update_device(device_id, utcnow(), blocked=True, blocked_at=utcnow())
+        log.info("device.blocked", device_id=device_id)
+        await self._kick(device_id, OfflineReason.BLOCKED)
+        await self._events.emit("device", action="blocked", device_id=device_id)
+        return device
+
+    async def unblock(self, device_id: str) -> DeviceRecord:
+        device = await self._store.update_device(device_id, utcnow(), blocked=False, blocked_at=None)
+        log.info("device.unblocked", device_id=device_id)
+        await self._events.emit("device", action="unblocked", device_id=device_id)
+        return device
+
+    async def revoke(self, device_id: str) -> DeviceRecord:
+        """Final: status revoked, every certificate on the CRL, new TLS context, session cut."""
+        current = await self._store.get_device(device_id)
+        device = current
+        if current.status is not DeviceStatus.REVOKED:
+            new = lifecycle.next_status(current.status, LifecycleEvent.REVOKE, checked_in=False)
+            device = await self._store.change_status(device_id, current.status, new, utcnow())
+        serials = await self._revoke_certificates(device_id)
+        await self._kick(device_id, OfflineReason.REVOKED)
+        log.info("device.revoked", device_id=device_id, serials=serials)
+        await self._events.emit("device", action="revoked", device_id=device_id, certificate_serials=serials)
+        return device
+
+    async def delete(self, device_id: str) -> None:
+        """Revoke (certificates stay on the CRL), cut the session, then remove the record."""
+        await self._store.get_device(device_id)
+        serials = await self._revoke_certificates(device_id)  # from here on every reconnect is refused
+        await self._kick(device_id, OfflineReason.DELETED)  # OFFLINE (deleted) is recorded and published
+        await self._store.delete_device(device_id)
+        self._events.forget_status(device_id)
+        log.info("device.deleted", device_id=device_id, serials=serials)
+        await self._events.emit("device", action="deleted", device_id=device_id, certificate_serials=serials)
+
+    async def _revoke_certificates(self, device_id: str) -> list[str]:
+        now = utcnow()
+        serials = await self._store.revoke_certificates(CertificateKind.DEVICE, device_id, now)
+        if serials:
+            await self.refresh_crl()
+        return serials
+
+    async def refresh_crl(self) -> bytes:
+        """Re-sign the CRL from the registry and swap the listener's TLS context."""
+        revoked = await self._store.revoked_certificates()
+        pem = self._pki.write_crl(revoked, utcnow(), self._crl_next_update)
+        self._tls.reload()
+        log.info("pki.crl_updated", entries=len(revoked))
+        return pem
+
+    async def _kick(self, device_id: str, reason: OfflineReason) -> None:
+        started = utcnow()
+        if await self._sessions.kick(device_id, reason):
+            elapsed_ms = (utcnow() - started).total_seconds() * 1000
+            log.info(
+                "session.kicked", device_id=device_id, reason=reason.value, elapsed_ms=round(elapsed_ms, 1)
+            )
+
+
+__all__ = ["DeviceService", "Provisioned", "Registration", "SessionControl", "clean_name"]

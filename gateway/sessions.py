@@ -1,0 +1,90 @@
+"""The gatekeeper: the gateway's answers to the MQTT engine's questions.
+
+Receives, from the broker adapter, each CONNECT (peer certificate and claims), each
+session start and end, and each PUBLISH that passed or failed the ACL; hands on an
+admission decision (`gateway.core.admission.decide` over the registry's records),
+presence changes, refusal logs and ``gateway/events/connect_failed`` events.
+"""
+
+from __future__ import annotations
+
+from gateway.broker import LiveSession, Peer
+from gateway.core.admission import Admitted, ConnectClaims, Decision, Refusal, Refused, decide
+from gateway.core.clock import utcnow
+from gateway.core.ids import Fingerprint
+from gateway.core.presence import OfflineReason
+from gateway.events import Events
+from gateway.logs import get_logger
+from gateway.presence import PresenceService
+from gateway.store import Store
+
+log = get_logger("gateway.sessions")
+
+
+class Gatekeeper:
+    """Implements `gateway.broker.SessionHooks`."""
+
+    def __init__(self, store: Store, presence: PresenceService, events: Events) -> None:
+        self._store = store
+        self._presence = presence
+        self._events = events
+        self.denied_publishes = 0
+        self.accepted_publishes = 0
+
+    async def admit(self, peer: Peer, claims: ConnectClaims) -> Decision:
+        fingerprint = Fingerprint.of_der(peer.certificate_der) if peer.certificate_der else None
+        if fingerprint is None:
+            decision: Decision = Refused(Refusal.NO_CERTIFICATE)
+        else:
+            certificate, device = await self._store.find_identity(fingerprint)
+            decision = decide(claims, certificate, device, now=utcnow(), connection_tag=peer.connection_tag)
+        if isinstance(decision, Admitted):
+            log.info(
+                "session.admitted",
+                client_id=decision.session_key,
+                peer=peer.host,
+                conn=peer.connection_tag,
+                serial=decision.certificate.serial,
+            )
+            return decision
+        log.info(
+            "session.refused",
+            reason=decision.reason.value,
+            connack=decision.connack,
+            peer=peer.host,
+            conn=peer.connection_tag,
+            client_id=claims.client_id,
+            fingerprint=fingerprint.value if fingerprint else None,
+        )
+        await self._events.emit(
+            "connect_failed",
+            reason=decision.reason.value,
+            message=decision.message,
+            fingerprint=fingerprint.value if fingerprint else None,
+            client_id=claims.client_id,
+            client_ip=peer.host,
+        )
+        return decision
+
+    async def session_started(self, session: LiveSession) -> None:
+        await self._presence.online(session)
+
+    async def session_ended(self, session: LiveSession, reason: OfflineReason) -> None:
+        log.info(
+            "session.ended", client_id=session.key, reason=reason.value, conn=session.peer.connection_tag
+        )
+        await self._presence.offline(session, reason)
+
+    async def message_accepted(self, session: LiveSession, topic: str, payload: bytes, qos: int) -> None:
+        self.accepted_publishes += 1
+
+    async def message_denied(self, session: LiveSession, topic: str) -> None:
+        self.denied_publishes += 1
+        log.warning("publish.denied", client_id=session.key, topic=topic)
+        if session.device_id is not None:
+            await self._events.device_error(
+                session.device_id,
+                code="acl_denied",
+                topic=topic,
+                message="devices may publish only under devices/{own id}/ (not errors or commands)",
+            )

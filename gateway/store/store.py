@@ -1,0 +1,591 @@
+"""The registry store: devices, certificates, tokens and presence, over SQLAlchemy async.
+
+Receives plain values from the services (ids, hashes, times, statuses already decided
+by the pure core) and hands back frozen records. Each public method is one
+transaction. Conditional updates (`WHERE epoch = :epoch`, `WHERE used_at IS NULL`)
+make single-use tokens and ordered presence hold under concurrency and across
+gateway instances sharing one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, event, func, insert, or_, select, update
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from gateway.core.admission import CertificateIdentity, CertificateKind, DeviceState
+from gateway.core.ids import DeviceId, Fingerprint
+from gateway.core.lifecycle import DeviceStatus
+from gateway.core.presence import Connection, OfflineReason, StatusChange
+from gateway.core.records import (
+    ApiTokenRecord,
+    CertificateRecord,
+    CertificateSummary,
+    DeviceQuery,
+    DeviceRecord,
+)
+from gateway.errors import Conflict, NotFound, ProvisioningRefused, StoreUnavailable
+from gateway.store.models import ApiToken, Base, Certificate, Device, RegistrationToken
+
+devices = Device.__table__
+certificates = Certificate.__table__
+registration_tokens = RegistrationToken.__table__
+api_tokens = ApiToken.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class NewCertificate:
+    """What the CA produced for a subject, ready to be recorded."""
+
+    serial: str
+    fingerprint_sha256: str
+    kind: CertificateKind
+    subject: str
+    not_before: datetime
+    not_after: datetime
+    pem: str
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class Store:
+    """One engine, one transaction per call."""
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, sqlite_synchronous: str = "FULL") -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        connect_args: dict[str, Any] = {"timeout": busy_timeout_s} if self.is_sqlite else {}
+        self.engine: AsyncEngine = create_async_engine(url, connect_args=connect_args)
+        if self.is_sqlite:
+            sync = sqlite_synchronous
+
+            @event.listens_for(self.engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+                cursor = dbapi_conn.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA synchronous={sync}")
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+
+    async def create_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(select(1))
+        except OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.orig}") from exc
+
+    # --- devices -----------------------------------------------------------------
+
+    async def create_device(self, device_id: DeviceId, name: str, now: datetime) -> DeviceRecord:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(devices).values(
+                        id=device_id.value,
+                        name=name,
+                        name_lower=name.lower(),
+                        status=DeviceStatus.PENDING.value,
+                        blocked=False,
+                        created_at=now,
+                        updated_at=now,
+                        connection=Connection.OFFLINE.value,
+                        epoch=0,
+                    )
+                )
+                return await self._device(conn, device_id.value)
+        except IntegrityError as exc:
+            raise Conflict(f"device {device_id} already exists", code="device_exists") from exc
+
+    async def get_device(self, device_id: str) -> DeviceRecord:
+        async with self.engine.connect() as conn:
+            return await self._device(conn, device_id)
+
+    async def _device(self, conn: AsyncConnection, device_id: str) -> DeviceRecord:
+        row = (await conn.execute(select(devices).where(devices.c.id == device_id))).one_or_none()
+        if row is None:
+            raise NotFound(f"device {device_id} not found", code="device_not_found")
+        summaries = await self._certificate_summaries(conn, [device_id])
+        return _device_record(row, summaries.get(device_id))
+
+    async def _certificate_summaries(
+        self, conn: AsyncConnection, device_ids: Sequence[str]
+    ) -> dict[str, CertificateSummary]:
+        """The newest unrevoked certificate of each device."""
+        if not device_ids:
+            return {}
+        rows = await conn.execute(
+            select(
+                certificates.c.subject,
+                certificates.c.serial,
+                certificates.c.fingerprint_sha256,
+                certificates.c.not_after,
+            )
+            .where(
+                certificates.c.kind == CertificateKind.DEVICE.value,
+                certificates.c.subject.in_(device_ids),
+                certificates.c.revoked_at.is_(None),
+            )
+            .order_by(certificates.c.created_at)
+        )
+        return {
+            row.subject: CertificateSummary(row.serial, row.fingerprint_sha256, row.not_after) for row in rows
+        }
+
+    async def list_devices(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
+        conditions: list[Any] = []
+        if query.search:
+            pattern = f"%{_escape_like(query.search.lower())}%"
+            conditions.append(
+                or_(
+                    devices.c.name_lower.like(pattern, escape="\\"),
+                    func.lower(devices.c.id).like(pattern, escape="\\"),
+                )
+            )
+        if query.blocked == "hide":
+            conditions.append(devices.c.blocked.is_(False))
+        elif query.blocked == "only":
+            conditions.append(devices.c.blocked.is_(True))
+        if query.status is not None:
+            conditions.append(devices.c.status == query.status.value)
+        if query.connection is not None:
+            conditions.append(devices.c.connection == query.connection.value)
+        where = and_(True, *conditions)
+        order = []
+        for key in query.sort:
+            column = devices.c[key.lstrip("-")]
+            order.append(column.desc() if key.startswith("-") else column.asc())
+        order.append(devices.c.id.asc())  # stable paging
+        async with self.engine.connect() as conn:
+            total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
+            rows = (
+                await conn.execute(
+                    select(devices).where(where).order_by(*order).limit(query.limit).offset(query.offset)
+                )
+            ).all()
+            summaries = await self._certificate_summaries(conn, [row.id for row in rows])
+        return [_device_record(row, summaries.get(row.id)) for row in rows], int(total)
+
+    async def update_device(self, device_id: str, now: datetime, **fields: Any) -> DeviceRecord:
+        """Set plain fields (name, blocked, identification) and ``updated_at``."""
+        values = dict(fields)
+        if "name" in values:
+            values["name_lower"] = str(values["name"]).lower()
+        if "status" in values:
+            values["status"] = DeviceStatus(values["status"]).value
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(devices).where(devices.c.id == device_id).values(updated_at=now, **values)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"device {device_id} not found", code="device_not_found")
+            return await self._device(conn, device_id)
+
+    async def change_status(
+        self, device_id: str, expected: DeviceStatus, new: DeviceStatus, now: datetime
+    ) -> DeviceRecord:
+        """Compare-and-set the status: fails with Conflict when someone changed it meanwhile."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(devices)
+                .where(devices.c.id == device_id, devices.c.status == expected.value)
+                .values(status=new.value, updated_at=now)
+            )
+            if result.rowcount == 0:
+                await self._device(conn, device_id)  # NotFound if it is gone
+                raise Conflict(f"device {device_id} changed status concurrently; retry", code="conflict")
+            return await self._device(conn, device_id)
+
+    async def delete_device(self, device_id: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(devices).where(devices.c.id == device_id))
+            if result.rowcount == 0:
+                raise NotFound(f"device {device_id} not found", code="device_not_found")
+
+    # --- registration tokens and provisioning ---------------------------------------
+
+    async def add_registration_token(
+        self, device_id: str, token_hash: str, now: datetime, expires_at: datetime
+    ) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(registration_tokens).values(
+                    token_hash=token_hash, device_id=device_id, created_at=now, expires_at=expires_at
+                )
+            )
+
+    async def provision(
+        self,
+        token_hash: str,
+        now: datetime,
+        issue: Callable[[DeviceRecord], NewCertificate],
+    ) -> tuple[DeviceRecord, NewCertificate]:
+        """Redeem a token and record the certificate `issue` makes, atomically.
+
+        The token is consumed only if the certificate is recorded; a token is
+        redeemed at most once even under concurrent requests.
+        """
+        async with self.engine.begin() as conn:
+            token = (
+                await conn.execute(
+                    select(registration_tokens).where(registration_tokens.c.token_hash == token_hash)
+                )
+            ).one_or_none()
+            if token is None:
+                raise ProvisioningRefused("registration token is not valid", code="token_invalid")
+            if token.used_at is not None:
+                raise ProvisioningRefused("registration token was already used", code="token_used")
+            if token.expires_at <= now:
+                raise ProvisioningRefused("registration token has expired", code="token_expired")
+            claimed = await conn.execute(
+                update(registration_tokens)
+                .where(
+                    registration_tokens.c.token_hash == token_hash, registration_tokens.c.used_at.is_(None)
+                )
+                .values(used_at=now)
+            )
+            if claimed.rowcount != 1:
+                raise ProvisioningRefused("registration token was already used", code="token_used")
+            device = await self._device(conn, token.device_id)
+            if device.status is DeviceStatus.REVOKED:
+                raise ProvisioningRefused(f"device {device.id} is revoked", code="device_revoked")
+            cert = issue(device)
+            await conn.execute(
+                insert(certificates).values(created_at=now, revoked_at=None, **_cert_values(cert))
+            )
+            return await self._device(conn, device.id), cert
+
+    # --- certificates -----------------------------------------------------------------
+
+    async def add_certificate(self, cert: NewCertificate, now: datetime) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(certificates).values(created_at=now, revoked_at=None, **_cert_values(cert))
+            )
+
+    async def find_identity(
+        self, fingerprint: Fingerprint
+    ) -> tuple[CertificateIdentity | None, DeviceState | None]:
+        """The certificate with this fingerprint and, for a device certificate, its device."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        certificates,
+                        devices.c.id.label("device_id"),
+                        devices.c.status.label("device_status"),
+                        devices.c.blocked.label("device_blocked"),
+                    )
+                    .select_from(
+                        certificates.outerjoin(
+                            devices,
+                            and_(
+                                certificates.c.kind == CertificateKind.DEVICE.value,
+                                devices.c.id == certificates.c.subject,
+                            ),
+                        )
+                    )
+                    .where(certificates.c.fingerprint_sha256 == fingerprint.value)
+                )
+            ).one_or_none()
+        if row is None:
+            return None, None
+        identity = CertificateIdentity(
+            fingerprint=fingerprint,
+            serial=row.serial,
+            kind=CertificateKind(row.kind),
+            subject=row.subject,
+            not_before=row.not_before,
+            not_after=row.not_after,
+            revoked_at=row.revoked_at,
+        )
+        device = None
+        if row.device_id is not None:
+            device = DeviceState(
+                DeviceId(row.device_id), DeviceStatus(row.device_status), bool(row.device_blocked)
+            )
+        return identity, device
+
+    async def revoke_certificates(self, kind: CertificateKind, subject: str, now: datetime) -> list[str]:
+        """Mark every unrevoked certificate of a subject revoked; returns their serials."""
+        async with self.engine.begin() as conn:
+            match = and_(
+                certificates.c.kind == kind.value,
+                certificates.c.subject == subject,
+                certificates.c.revoked_at.is_(None),
+            )
+            serials = list((await conn.execute(select(certificates.c.serial).where(match))).scalars())
+            if serials:
+                await conn.execute(update(certificates).where(match).values(revoked_at=now))
+        return serials
+
+    async def revoked_certificates(self) -> list[tuple[str, datetime]]:
+        """(serial, revoked at) of every revoked certificate, expired ones included.
+
+        Expired entries stay listed so that relying parties that ignore validity
+        still refuse them; it costs a few bytes per entry.
+        """
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(certificates.c.serial, certificates.c.revoked_at)
+                .where(certificates.c.revoked_at.is_not(None))
+                .order_by(certificates.c.revoked_at)
+            )
+            return [(row.serial, row.revoked_at) for row in rows]
+
+    async def certificates_of(self, kind: CertificateKind, subject: str) -> list[CertificateRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(certificates)
+                .where(certificates.c.kind == kind.value, certificates.c.subject == subject)
+                .order_by(certificates.c.created_at)
+            )
+            return [
+                CertificateRecord(
+                    r.serial,
+                    r.fingerprint_sha256,
+                    r.kind,
+                    r.subject,
+                    r.not_before,
+                    r.not_after,
+                    r.created_at,
+                    r.revoked_at,
+                )
+                for r in rows
+            ]
+
+    # --- presence ---------------------------------------------------------------------
+
+    async def mark_online(
+        self,
+        device_id: str,
+        now: datetime,
+        *,
+        client_ip: str | None,
+        serial: str,
+        check_in: tuple[DeviceStatus, DeviceStatus] | None = None,
+    ) -> StatusChange:
+        """Start a new session: epoch + 1, online. `check_in` is (expected, new) status."""
+        values: dict[str, Any] = {
+            "epoch": devices.c.epoch + 1,
+            "connection": Connection.ONLINE.value,
+            "last_connected_at": now,
+            "last_seen_at": now,
+            "client_ip": client_ip,
+            "connected_serial": serial,
+            "disconnect_reason": None,
+        }
+        async with self.engine.begin() as conn:
+            if check_in is not None:
+                expected, new = check_in
+                await conn.execute(
+                    update(devices)
+                    .where(devices.c.id == device_id, devices.c.status == expected.value)
+                    .values(status=new.value, checked_in_at=now, updated_at=now)
+                )
+            row = (
+                await conn.execute(
+                    update(devices)
+                    .where(devices.c.id == device_id)
+                    .values(**values)
+                    .returning(devices.c.epoch)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound(f"device {device_id} not found", code="device_not_found")
+        return StatusChange(device_id, Connection.ONLINE, "connected", int(row.epoch), now, client_ip, serial)
+
+    async def mark_offline(
+        self, device_id: str, epoch: int, reason: OfflineReason, now: datetime
+    ) -> StatusChange | None:
+        """End session `epoch`; None when a newer session (or nothing) is current."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(devices)
+                .where(
+                    devices.c.id == device_id,
+                    devices.c.epoch == epoch,
+                    devices.c.connection == Connection.ONLINE.value,
+                )
+                .values(
+                    connection=Connection.OFFLINE.value,
+                    last_disconnected_at=now,
+                    disconnect_reason=reason.value,
+                )
+            )
+        if result.rowcount != 1:
+            return None
+        return StatusChange(device_id, Connection.OFFLINE, reason.value, epoch, now)
+
+    async def mark_all_offline(self, reason: OfflineReason, now: datetime) -> list[StatusChange]:
+        """Every device still ONLINE goes offline with `reason` (start-up and shutdown)."""
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(devices.c.id, devices.c.epoch).where(
+                        devices.c.connection == Connection.ONLINE.value
+                    )
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    update(devices)
+                    .where(devices.c.connection == Connection.ONLINE.value)
+                    .values(
+                        connection=Connection.OFFLINE.value,
+                        last_disconnected_at=now,
+                        disconnect_reason=reason.value,
+                    )
+                )
+        return [StatusChange(r.id, Connection.OFFLINE, reason.value, int(r.epoch), now) for r in rows]
+
+    async def presence_snapshot(self) -> list[StatusChange]:
+        """The current status of every device that ever connected (to seed retained topics)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(
+                    devices.c.id,
+                    devices.c.connection,
+                    devices.c.epoch,
+                    devices.c.disconnect_reason,
+                    devices.c.last_connected_at,
+                    devices.c.last_disconnected_at,
+                    devices.c.client_ip,
+                    devices.c.connected_serial,
+                ).where(devices.c.epoch > 0)
+            )
+            changes = []
+            for r in rows:
+                online = r.connection == Connection.ONLINE.value
+                at = r.last_connected_at if online else (r.last_disconnected_at or r.last_connected_at)
+                changes.append(
+                    StatusChange(
+                        r.id,
+                        Connection(r.connection),
+                        "connected"
+                        if online
+                        else (r.disconnect_reason or OfflineReason.CONNECTION_LOST.value),
+                        int(r.epoch),
+                        at,
+                        r.client_ip if online else None,
+                        r.connected_serial if online else None,
+                    )
+                )
+            return changes
+
+    # --- API tokens ---------------------------------------------------------------------
+
+    async def add_api_token(
+        self,
+        name: str,
+        token_hash: str,
+        scopes: frozenset[str],
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> ApiTokenRecord:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    insert(api_tokens)
+                    .values(
+                        name=name,
+                        token_hash=token_hash,
+                        scopes=" ".join(sorted(scopes)),
+                        created_at=now,
+                        expires_at=expires_at,
+                    )
+                    .returning(api_tokens)
+                )
+            ).one()
+        return _token_record(row)
+
+    async def find_api_token(self, token_hash: str, now: datetime) -> ApiTokenRecord | None:
+        """A usable token (not revoked, not expired), touching ``last_used_at`` at most once a minute."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(api_tokens).where(api_tokens.c.token_hash == token_hash))
+            ).one_or_none()
+        if (
+            row is None
+            or row.revoked_at is not None
+            or (row.expires_at is not None and row.expires_at <= now)
+        ):
+            return None
+        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(api_tokens).where(api_tokens.c.id == row.id).values(last_used_at=now)
+                )
+        return _token_record(row)
+
+    async def count_api_tokens(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(api_tokens))).scalar_one())
+
+
+def _cert_values(cert: NewCertificate) -> dict[str, Any]:
+    return {
+        "serial": cert.serial,
+        "fingerprint_sha256": cert.fingerprint_sha256,
+        "kind": cert.kind.value,
+        "subject": cert.subject,
+        "not_before": cert.not_before,
+        "not_after": cert.not_after,
+        "pem": cert.pem,
+    }
+
+
+def _device_record(row: Row[Any], cert: CertificateSummary | None) -> DeviceRecord:
+    return DeviceRecord(
+        id=row.id,
+        name=row.name,
+        status=DeviceStatus(row.status),
+        connection=Connection(row.connection),
+        blocked=bool(row.blocked),
+        blocked_at=row.blocked_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        checked_in_at=row.checked_in_at,
+        last_connected_at=row.last_connected_at,
+        last_disconnected_at=row.last_disconnected_at,
+        disconnect_reason=row.disconnect_reason,
+        last_seen_at=row.last_seen_at,
+        last_data_at=row.last_data_at,
+        client_ip=row.client_ip,
+        epoch=int(row.epoch),
+        manufacturer=row.manufacturer,
+        model=row.model,
+        application=row.application,
+        application_version=row.application_version,
+        os=row.os,
+        os_version=row.os_version,
+        firmware_version=row.firmware_version,
+        certificate=cert,
+    )
+
+
+def _token_record(row: Row[Any]) -> ApiTokenRecord:
+    return ApiTokenRecord(
+        id=int(row.id),
+        name=row.name,
+        scopes=frozenset(row.scopes.split()),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )

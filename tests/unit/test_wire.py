@@ -1,0 +1,150 @@
+"""Strict checks on raw client packets (AMQTT-NOTES gap 11), with a property test."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.core import wire
+from gateway.errors import ProtocolViolation
+
+
+def s(text: bytes) -> bytes:
+    return struct.pack("!H", len(text)) + text
+
+
+def connect_body(
+    client_id: bytes = b"dev-1", flags: int = 0x02, will: tuple[bytes, bytes] | None = None
+) -> bytes:
+    body = s(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60) + s(client_id)
+    if will is not None:
+        body += s(will[0]) + s(will[1])
+    return body
+
+
+def test_a_good_connect_is_parsed() -> None:
+    """Client id, clean session and keep-alive come out of a well-formed CONNECT."""
+    fields = wire.parse_connect(0, connect_body())
+    assert (fields.client_id, fields.clean_session, fields.keep_alive, fields.will_topic) == (
+        "dev-1",
+        True,
+        60,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "body"),
+    [
+        (1, connect_body()),  # fixed-header flags
+        (0, connect_body(flags=0x03)),  # reserved bit
+        (0, connect_body(client_id=b"\xff\xfe")),  # invalid UTF-8 client id
+        (0, connect_body(client_id=b"a\x00b")),  # NUL
+        (0, connect_body(flags=0x06, will=(b"a/#", b"x"))),  # wildcard will topic
+        (0, connect_body(flags=0x1E, will=(b"a", b"x"))),  # will QoS 3
+        (0, connect_body(flags=0x22)),  # will retain without will flag
+        (0, connect_body()[:7]),  # truncated
+    ],
+)
+def test_bad_connects_are_violations(flags: int, body: bytes) -> None:
+    """Malformed CONNECTs are refused before amqtt sees them."""
+    with pytest.raises(ProtocolViolation):
+        wire.parse_connect(flags, body)
+
+
+def publish(topic: bytes, qos: int = 0, packet_id: int = 1, payload: bytes = b"x") -> tuple[int, bytes]:
+    body = s(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return qos << 1, body
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [b"a/\xff", b"a\x00b", b"a/+", b"a/#", b"", b"\xed\xa0\x80"],  # last: UTF-16 surrogate in UTF-8
+)
+def test_publish_with_a_bad_topic_is_a_violation(topic: bytes) -> None:
+    """Invalid UTF-8, NUL, wildcards or an empty topic close the connection (MQTT-3.3.2-2, 1.5.3)."""
+    flags, body = publish(topic)
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBLISH, flags, body)
+
+
+def test_publish_rules_on_qos_dup_and_packet_id() -> None:
+    """QoS 3, DUP on QoS 0 and packet id 0 are violations; a normal publish passes."""
+    flags, body = publish(b"devices/d/readings", qos=1)
+    wire.check_packet(wire.PUBLISH, flags, body)
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBLISH, 0b0110, body)
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBLISH, 0b1000, publish(b"a")[1])
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBLISH, *publish(b"a", qos=1, packet_id=0))
+
+
+def subscribe(*filters: tuple[bytes, int], packet_id: int = 1) -> bytes:
+    return struct.pack("!H", packet_id) + b"".join(s(f) + bytes([q]) for f, q in filters)
+
+
+@pytest.mark.parametrize(
+    ("flags", "body"),
+    [
+        (0b0010, subscribe((b"a", 3))),  # QoS 3
+        (0b0010, subscribe((b"a", 0x41))),  # reserved bits
+        (0b0000, subscribe((b"a", 0))),  # flags 0
+        (0b0010, subscribe()),  # no filters
+        (0b0010, subscribe((b"", 0))),  # empty filter
+        (0b0010, subscribe((b"\xc3\x28", 0))),  # invalid UTF-8
+        (0b0010, subscribe((b"a", 0), packet_id=0)),
+    ],
+)
+def test_bad_subscribes_are_violations(flags: int, body: bytes) -> None:
+    """SUBSCRIBE with QoS 3, flags 0, no filters, bad strings: all close the connection."""
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.SUBSCRIBE, flags, body)
+
+
+def test_a_subscribe_with_a_syntactically_wrong_filter_passes_to_the_acl() -> None:
+    """'a/#/b' is well-formed UTF-8: it is refused in SUBACK (0x80), not by closing."""
+    wire.check_packet(wire.SUBSCRIBE, 0b0010, subscribe((b"a/#/b", 1)))
+
+
+@pytest.mark.parametrize(
+    "packet_type", [0, 15, wire.CONNACK, wire.SUBACK, wire.UNSUBACK, wire.PINGRESP, wire.CONNECT]
+)
+def test_packets_a_client_may_not_send(packet_type: int) -> None:
+    """Reserved types, server-only packets and a second CONNECT are violations."""
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(packet_type, 0, b"")
+
+
+def test_fixed_size_packets() -> None:
+    """PINGREQ has no body, PUBACK exactly a non-zero packet id, PUBREL flags 0010."""
+    wire.check_packet(wire.PINGREQ, 0, b"")
+    wire.check_packet(wire.PUBACK, 0, b"\x00\x01")
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PINGREQ, 0, b"x")
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBACK, 0, b"\x00\x00")
+    with pytest.raises(ProtocolViolation):
+        wire.check_packet(wire.PUBREL, 0, b"\x00\x01")
+
+
+@given(st.integers(0, 15), st.integers(0, 15), st.binary(max_size=64))
+def test_any_packet_is_accepted_or_a_violation(packet_type: int, flags: int, body: bytes) -> None:
+    """Property: arbitrary bytes give None or ProtocolViolation, never another exception."""
+    try:
+        wire.check_packet(packet_type, flags, body)
+    except ProtocolViolation:
+        pass
+
+
+@given(st.integers(0, 15), st.binary(max_size=80))
+def test_any_connect_is_parsed_or_a_violation(flags: int, body: bytes) -> None:
+    """Property: arbitrary CONNECT bodies give fields or ProtocolViolation, nothing else."""
+    try:
+        fields = wire.parse_connect(flags, body)
+    except ProtocolViolation:
+        return
+    assert isinstance(fields.client_id, str)
