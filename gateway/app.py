@@ -136,10 +136,12 @@ class GatewayApp:
         await self.api.start()
         self._background = asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh")
         self._started = True
-        log.info(
+        log.warning(  # warning level: the one line an operator needs even with quiet logs
             "gateway.started",
-            mqtt=f"{self.settings.mqtt.host}:{self.mqtt_port}",
-            api=f"https://{self.settings.api.host}:{self.api_port}",
+            mqtt_host=self.settings.mqtt.host,
+            mqtt_port=self.mqtt_port,
+            api_url=f"https://{self.settings.api.host}:{self.api_port}",
+            api_port=self.api_port,
             recovered_offline=recovered,
         )
 

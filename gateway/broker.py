@@ -133,10 +133,17 @@ class _WriterAdapter(StreamWriterAdapter):
         super().__init__(writer)
         self._stream_writer = writer
         self.connection_tag = connection_tag
+        # Read once: after the peer resets, asyncio no longer knows the address and
+        # amqtt's CONNECT handling crashed on the missing value.
+        peer = writer.get_extra_info("peername")
+        self._peer: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer and len(peer) >= 2 else None
         ssl_object = writer.get_extra_info("ssl_object")
         self.peer_certificate: bytes | None = (
             None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         )
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        return self._peer
 
     async def close(self) -> None:
         if self.is_closed:

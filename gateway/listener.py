@@ -63,6 +63,7 @@ class MqttListener:
         if task is not None:
             self._connections.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
+        raw = writer.transport  # the TCP transport under TLS; start_tls replaces writer.transport
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -83,9 +84,11 @@ class MqttListener:
         finally:
             if task is not None:
                 self._connections.discard(task)
+            # The session is over and TLS close_notify was sent; asyncio would otherwise keep
+            # the socket until the peer answers it (up to 30 s), or leak it past shutdown.
             with contextlib.suppress(Exception):
-                if not writer.transport.is_closing():
-                    writer.transport.abort()
+                if not raw.is_closing():
+                    raw.abort()
 
 
 def _tls_reason(exc: BaseException) -> str:

@@ -101,6 +101,11 @@ def serve_command(ctx: typer.Context) -> None:
     """
     settings = settings_from(ctx)
     logs.configure(settings.logging)
+    report = asyncio.run(initialise(settings))
+    if report.admin_token:
+        # Printed once, to the terminal only (never to the log); also in admin.token (0600).
+        typer.echo(f"Admin API token (shown once, also saved to {report.admin_token_path}):\n  "
+                   f"{report.admin_token}", err=True)
 
     async def run() -> None:
         stop = asyncio.Event()

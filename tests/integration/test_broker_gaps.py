@@ -1,0 +1,312 @@
+"""One regression test per amqtt 0.12.1 gap the broker adapter closes (AMQTT-NOTES.md).
+
+Each test drives the real gateway over loopback mutual TLS with raw or real clients;
+if an amqtt upgrade or a change in `gateway/broker.py` reopens a gap, its test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+import time
+
+import amqtt
+import pytest
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from gateway.mqtt_client import ConnectRefused, MqttClient, encode_connect, encode_publish
+from tests.conftest import HOST, Creds, Harness
+from tests.integration.test_gateway import next_status, watcher
+
+
+def test_amqtt_is_the_pinned_version() -> None:
+    """The adapter overrides amqtt internals checked against 0.12.1 only: an upgrade must fail loudly."""
+    assert amqtt.__version__ == "0.12.1"
+
+
+async def raw_session(gw: Harness, creds: Creds, *, keepalive: int = 60) -> tuple[asyncio.StreamReader,
+                                                                                  asyncio.StreamWriter]:
+    """A device connection where the test writes exact bytes after an accepted CONNECT."""
+    reader, writer = await asyncio.open_connection(HOST, gw.mqtt_port, ssl=creds.tls(), server_hostname=HOST)
+    writer.write(encode_connect(client_id=creds.name, keepalive=keepalive, clean_session=True))
+    await writer.drain()
+    assert await reader.readexactly(4) == b"\x20\x02\x00\x00"
+    return reader, writer
+
+
+async def shut(writer: asyncio.StreamWriter) -> None:
+    """Close our side and wait for it, so no transport outlives the test."""
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+async def closed_by_gateway(reader: asyncio.StreamReader, timeout: float = 3.0) -> bool:
+    """True when the gateway closes the connection (EOF) within `timeout`, ignoring data it sends first."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(4096):
+                pass
+    except TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True
+    return True
+
+
+# --- gap 3: authentication before session bookkeeping ------------------------------------
+
+
+async def test_gap3_refused_connect_with_a_victims_id_keeps_the_victims_persistent_session(gateway: Harness) -> None:
+    """A refused CONNECT using another device's id (clean session) neither wipes nor replaces its session."""
+    victim_creds, attacker_creds = await gateway.device(), await gateway.device()
+    victim = await gateway.connect(victim_creds, clean_session=False)
+    await victim.subscribe((f"devices/{victim_creds.name}/commands/#", 1))
+    await victim.disconnect()  # offline, persistent session and subscription kept
+    await asyncio.sleep(0.1)
+    assert gateway.app.engine.subscriptions_of(victim_creds.name) == [f"devices/{victim_creds.name}/commands/#"]
+
+    attacker = gateway.client(victim_creds.name, clean_session=True)
+    with pytest.raises(ConnectRefused):
+        await attacker.connect(HOST, gateway.mqtt_port, ssl=attacker_creds.tls(), server_hostname=HOST)
+    assert gateway.app.engine.subscriptions_of(victim_creds.name) == [f"devices/{victim_creds.name}/commands/#"]
+    again = gateway.client(victim_creds.name, clean_session=False)
+    assert await again.connect(HOST, gateway.mqtt_port, ssl=victim_creds.tls(), server_hostname=HOST) == 1
+
+
+# --- gap 2 and the disconnect-waiter race -------------------------------------------------
+
+
+async def test_gap2_keepalive_is_enforced_at_one_and_a_half_times(gateway: Harness) -> None:
+    """No packet for 1.5 x keep-alive closes the connection; a PINGREQ in time keeps it."""
+    creds = await gateway.device()
+    reader, writer = await raw_session(gateway, creds, keepalive=1)
+    for _ in range(3):  # 3 s of pings every 0.8 s: still open
+        await asyncio.sleep(0.8)
+        writer.write(b"\xc0\x00")
+        await writer.drain()
+        assert await reader.readexactly(2) == b"\xd0\x00"
+    started = time.monotonic()
+    assert await closed_by_gateway(reader, timeout=3)
+    assert 1.2 <= time.monotonic() - started <= 2.5
+    await shut(writer)
+
+
+async def test_connection_dropped_right_after_connack_still_ends_the_session(gateway: Harness) -> None:
+    """A client that vanishes right after CONNACK is marked offline (amqtt lost this EOF and kept a zombie)."""
+    creds = await gateway.device()
+    ops = await watcher(gateway)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection(HOST, gateway.mqtt_port, ssl=creds.tls(),
+                                                       server_hostname=HOST)
+        writer.write(encode_connect(client_id=creds.name, keepalive=0, clean_session=True))
+        await writer.drain()
+        assert await reader.readexactly(4) == b"\x20\x02\x00\x00"
+        writer.transport.abort()  # gone while the gateway is still recording ONLINE
+        assert (await next_status(ops, creds.name, "offline"))["reason"] == "connection_lost"
+    assert not gateway.app.engine.is_connected(creds.name)
+
+
+# --- gap 5: retained messages only through the ACL -----------------------------------------
+
+
+async def test_gap5_retained_messages_are_not_pushed_to_devices(gateway: Harness) -> None:
+    """Retained statuses matching an operator's gateway/# are never pushed to a connecting device."""
+    ops = await watcher(gateway)  # the broker now holds a gateway/# subscription
+    first, second = await gateway.device(), await gateway.device()
+    await gateway.connect(first)
+    await next_status(ops, first.name, "online")
+    assert gateway.app.engine.retained(f"gateway/status/{first.name}") is not None
+    device = await gateway.connect(second, clean_session=False)
+    await device.subscribe((f"devices/{second.name}/errors", 1))
+    with pytest.raises(TimeoutError):
+        message = await device.next_message(timeout=0.5)
+        pytest.fail(f"device received {message.topic}")
+
+
+async def test_gap5_retained_status_reaches_operators(gateway: Harness) -> None:
+    """The same retained status does reach an operator who subscribes (RECEIVE allowed)."""
+    creds = await gateway.device()
+    await gateway.connect(creds)
+    await asyncio.sleep(0.1)
+    ops = await watcher(gateway)
+    message = await ops.next_message(timeout=5)
+    assert message.retain
+    assert message.topic == f"gateway/status/{creds.name}"
+
+
+# --- gap 6 and 11: bad packets close the connection through the normal flow ----------------
+
+
+@pytest.mark.parametrize(
+    ("name", "packet"),
+    [
+        ("wildcard topic", encode_publish("devices/+/readings", b"1", qos=0)),
+        ("NUL in topic", b"\x30" + bytes([2 + 5 + 1]) + struct.pack("!H", 5) + b"a\x00b/c" + b"1"),
+        ("invalid UTF-8 topic", b"\x30" + bytes([2 + 3 + 1]) + struct.pack("!H", 3) + b"a\xffb" + b"1"),
+        ("SUBSCRIBE QoS 3", b"\x82\x06\x00\x01\x00\x01a\x03"),
+        ("SUBSCRIBE flags 0", b"\x80\x06\x00\x01\x00\x01a\x00"),
+        ("SUBSCRIBE without filters", b"\x82\x02\x00\x01"),
+        ("second CONNECT", encode_connect(client_id="x", keepalive=60, clean_session=True)),
+        ("server-only packet", b"\x20\x02\x00\x00"),
+        ("reserved type", b"\xf0\x00"),
+        ("QoS 0 with DUP", b"\x38\x04\x00\x01a1"),
+    ],
+)
+async def test_gap6_gap11_protocol_violations_close_and_mark_offline(
+    gateway: Harness, name: str, packet: bytes
+) -> None:
+    """Each violation closes the connection and the device goes OFFLINE (protocol_error): no zombie session."""
+    creds = await gateway.device()
+    ops = await watcher(gateway)
+    reader, writer = await raw_session(gateway, creds)
+    await next_status(ops, creds.name, "online")
+    writer.write(packet)
+    await writer.drain()
+    assert await closed_by_gateway(reader), name
+    assert (await next_status(ops, creds.name, "offline"))["reason"] == "protocol_error"
+    assert not gateway.app.engine.is_connected(creds.name)
+    await shut(writer)
+
+
+async def test_dollar_topics_are_denied_without_closing(gateway: Harness) -> None:
+    """A publish to $SYS/... is refused by the ACL and counted; the session stays up (amqtt left a zombie)."""
+    creds = await gateway.device()
+    device = await gateway.connect(creds)
+    await device.subscribe((f"devices/{creds.name}/errors", 0))
+    denied = gateway.app.gatekeeper.denied_publishes
+    await device.publish("$SYS/broker/x", b"1", qos=1)
+    error = await device.next_message(timeout=5)
+    assert json.loads(error.payload)["topic"] == "$SYS/broker/x"
+    assert gateway.app.gatekeeper.denied_publishes == denied + 1
+    assert gateway.app.engine.is_connected(creds.name)
+
+
+async def test_gap11_a_nul_topic_never_reaches_wildcard_subscribers(gateway: Harness) -> None:
+    """Operators subscribed to devices/+/readings never see a topic with NUL or bad UTF-8."""
+    creds = await gateway.device()
+    ops = await gateway.connect(await gateway.operator(), client_id="")
+    await ops.subscribe(("devices/+/readings", 0))
+    _, writer = await raw_session(gateway, creds)
+    bad = f"devices/{creds.name}/readings\x00x".encode()
+    writer.write(b"\x30" + bytes([2 + len(bad) + 1]) + struct.pack("!H", len(bad)) + bad + b"1")
+    await writer.drain()
+    with pytest.raises(TimeoutError):
+        await ops.next_message(timeout=0.5)
+    await shut(writer)
+
+
+async def test_oversize_packets_close_the_connection(gateway: Harness) -> None:
+    """A packet above mqtt.max_packet_bytes closes the connection before its body is read."""
+    creds = await gateway.device()
+    reader, writer = await raw_session(gateway, creds)
+    limit = gateway.app.settings.mqtt.max_packet_bytes
+    writer.write(encode_publish(f"devices/{creds.name}/readings", b"x" * (limit + 1), qos=0))
+    await writer.drain()
+    assert await closed_by_gateway(reader)
+    await shut(writer)
+
+
+async def test_no_connect_in_time_closes_the_connection(settings: object, tmp_path: object) -> None:
+    """A TLS client that never sends CONNECT is dropped after mqtt.connect_timeout_s."""
+    from gateway.app import GatewayApp
+    from tests.conftest import make_settings
+
+    app = GatewayApp(make_settings(tmp_path, connect_timeout_s=0.5))  # type: ignore[arg-type]
+    await app.start()
+    gw = Harness(app, tmp_path)  # type: ignore[arg-type]
+    try:
+        creds = await gw.device()
+        reader, writer = await asyncio.open_connection(HOST, gw.mqtt_port, ssl=creds.tls(), server_hostname=HOST)
+        started = time.monotonic()
+        assert await closed_by_gateway(reader, timeout=3)
+        assert time.monotonic() - started < 2
+        await shut(writer)
+    finally:
+        await gw.close()
+        await app.stop()
+
+
+# --- gaps 8 and 9: hook failures are visible and fail closed ------------------------------
+
+
+async def test_gap9_an_admission_failure_refuses_with_connack_3_and_is_logged(gateway: Harness) -> None:
+    """When the registry cannot answer, CONNECT gets CONNACK 3 (not silence) and the error is logged."""
+    creds = await gateway.device()
+    async with gateway.app.store.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE certificates RENAME TO certificates_gone"))
+    try:
+        with capture_logs() as logs:
+            client = gateway.client(creds.name)
+            with pytest.raises(ConnectRefused) as refused:
+                await client.connect(HOST, gateway.mqtt_port, ssl=creds.tls(), server_hostname=HOST, timeout=5)
+        assert refused.value.return_code == 3
+        assert any(entry["event"] == "session.admission_failed" for entry in logs)
+        assert gateway.app.engine.session_count == 0
+    finally:
+        async with gateway.app.store.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE certificates_gone RENAME TO certificates"))
+
+
+async def test_gap8_a_presence_failure_is_logged_and_the_session_closed(gateway: Harness) -> None:
+    """If ONLINE cannot be recorded, the error is logged (not lost in a task) and the session is closed."""
+    creds = await gateway.device()
+    async with gateway.app.store.engine.begin() as conn:
+        await conn.execute(text("CREATE TRIGGER no_presence BEFORE UPDATE OF epoch ON devices "
+                                "BEGIN SELECT RAISE(ABORT, 'presence store down'); END"))
+    with capture_logs() as logs:
+        client = await gateway.connect(creds)
+        await client.wait_closed(timeout=3)
+    assert any(entry["event"] == "session.start_failed" for entry in logs)
+    assert not gateway.app.engine.is_connected(creds.name)
+
+
+# --- gap 12: delivery QoS -------------------------------------------------------------------
+
+
+async def test_gap12_delivery_qos_is_the_minimum_of_publish_and_grant(gateway: Harness) -> None:
+    """A QoS 0 publish reaches a QoS 1 subscriber at QoS 0, and a QoS 1 publish at QoS 1."""
+    creds = await gateway.device()
+    ops = await gateway.connect(await gateway.operator(), client_id="")
+    await ops.subscribe((f"devices/{creds.name}/readings", 1))
+    device = await gateway.connect(creds)
+    await device.publish(f"devices/{creds.name}/readings", b'{"sensor":"t","value":1}', qos=0)
+    assert (await ops.next_message(timeout=5)).qos == 0
+    await device.publish(f"devices/{creds.name}/readings", b'{"sensor":"t","value":2}', qos=1)
+    assert (await ops.next_message(timeout=5)).qos == 1
+
+
+# --- operators cannot step on devices ----------------------------------------------------
+
+
+async def test_operator_using_a_device_id_cannot_take_over_the_device(gateway: Harness) -> None:
+    """An operator connecting with a device's client id gets its own session; the device stays online."""
+    creds = await gateway.device()
+    device = await gateway.connect(creds)
+    operator = await gateway.connect(await gateway.operator(), client_id=creds.name)
+    await asyncio.sleep(0.2)
+    assert gateway.app.engine.is_connected(creds.name)
+    assert not device.closed
+    assert not operator.closed
+
+
+async def test_a_device_will_cannot_spoof_status(gateway: Harness) -> None:
+    """A will message on a gateway topic is refused at CONNECT (5); a will on its own topic is published."""
+    creds = await gateway.device()
+    from gateway.mqtt_client import Message
+
+    spoof = MqttClient(client_id=creds.name, will=Message(f"gateway/status/{creds.name}", b"{}", 1, True))
+    with pytest.raises(ConnectRefused) as refused:
+        await spoof.connect(HOST, gateway.mqtt_port, ssl=creds.tls(), server_hostname=HOST)
+    assert refused.value.return_code == 5
+
+    ops = await gateway.connect(await gateway.operator(), client_id="")
+    await ops.subscribe((f"devices/{creds.name}/health", 0))
+    honest = gateway.client(creds.name, will=Message(f"devices/{creds.name}/health", b'{"gone":true}', 0, False))
+    await honest.connect(HOST, gateway.mqtt_port, ssl=creds.tls(), server_hostname=HOST)
+    await honest.close()  # no DISCONNECT: the will is published
+    message = await ops.next_message(timeout=5)
+    assert (message.topic, json.loads(message.payload)) == (f"devices/{creds.name}/health", {"gone": True})
