@@ -35,7 +35,8 @@ SAN_URI_PREFIX = "urn:gateway:"
 def validate_subject_id(value: str) -> str:
     if not isinstance(value, str) or not SUBJECT_ID_PATTERN.fullmatch(value):
         raise InvalidSubject(
-            f"invalid subject id {value!r}: 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            f"invalid subject id {value!r}: 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
         )
     return value
 

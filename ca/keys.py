@@ -73,7 +73,7 @@ def vet_csr(data: bytes | str) -> VettedCSR:
         raise CSRRejected("bad_signature", "the CSR signature cannot be checked") from exc
     if not valid:
         raise CSRRejected("bad_signature", "the CSR signature does not match its key")
-    return VettedCSR(public_key, description)  # type: ignore[arg-type]
+    return VettedCSR(public_key, description)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:

@@ -27,7 +27,8 @@ from gateway.devices import DeviceService
 from gateway.events import Events
 from gateway.listener import MqttListener
 from gateway.logs import get_logger
-from gateway.pki import Pki, PkiPaths, TlsContexts, initialise as initialise_pki
+from gateway.pki import Pki, PkiPaths, TlsContexts
+from gateway.pki import initialise as initialise_pki
 from gateway.presence import PresenceService
 from gateway.sessions import Gatekeeper
 from gateway.store import Store
@@ -176,7 +177,7 @@ class GatewayApp:
         await self.api.stop()
         closed = await self.engine.kick_all(OfflineReason.GATEWAY_SHUTDOWN)
         swept = await self.presence.sweep(OfflineReason.GATEWAY_SHUTDOWN)
-        await self.listener.wait_connections_closed(timeout=5)
+        await self.listener.wait_connections_closed(grace_s=5)
         await self.engine.stop()
         await self.store.close()
         log.info("gateway.stopped", sessions_closed=closed, swept=swept)

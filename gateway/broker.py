@@ -129,6 +129,8 @@ class _WriterAdapter(StreamWriterAdapter):
     must not hold the disconnect flow (and its OFFLINE status) that long.
     """
 
+    is_closed: bool
+
     def __init__(self, writer: asyncio.StreamWriter, connection_tag: str) -> None:
         super().__init__(writer)
         self._stream_writer = writer
@@ -190,6 +192,7 @@ def _encode_frame(packet_type: int, flags: int, body: bytes) -> bytes:
 class _Handler(BrokerProtocolHandler):
     """amqtt's broker handler with our reader loop (gaps 2, 6, 7, 11)."""
 
+    _disconnect_waiter: asyncio.Future[DisconnectPacket | None] | None
     live: LiveSession | None = None
     max_packet_bytes: int = 1024 * 1024
     keepalive_factor: float = 1.5

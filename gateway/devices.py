@@ -131,7 +131,7 @@ class DeviceService:
     async def get(self, device_id: str) -> DeviceRecord:
         return await self._store.get_device(device_id)
 
-    async def list(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
+    async def find(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
         return await self._store.list_devices(query)
 
     # --- changes ------------------------------------------------------------------

@@ -48,11 +48,11 @@ class MqttListener:
         if self._server is not None:
             self._server.close()
 
-    async def wait_connections_closed(self, timeout: float) -> None:
-        """Wait for live connections to end; cancel what remains after `timeout`."""
+    async def wait_connections_closed(self, grace_s: float) -> None:
+        """Wait for live connections to end; cancel what remains after `grace_s`."""
         pending = set(self._connections)
         if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout)
+            _, still = await asyncio.wait(pending, timeout=grace_s)
             for task in still:
                 task.cancel()
             if still:

@@ -92,7 +92,7 @@ class Harness:
         return Creds(body["device_id"], folder / "device.key", folder / "device.crt", folder / "ca.crt")
 
     async def device(self, device_id: str | None = None, name: str = "sensor") -> Creds:
-        did, token = await self.register(name, device_id)
+        _, token = await self.register(name, device_id)
         return await self.enroll(token)
 
     async def operator(self, name: str = "ops") -> Creds:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -17,8 +17,8 @@ from gateway.api.schemas import (
     PatchIn,
     ProvisionIn,
     ProvisionOut,
-    RegisterIn,
     Registered,
+    RegisterIn,
     Success,
     device_out,
     when,
@@ -52,7 +52,7 @@ def _ctx(request: Request) -> ApiContext:
 _bearer = HTTPBearer(auto_error=False, description="an API token (gateway init prints the admin token)")
 
 
-def require(scope: str) -> object:
+def require(scope: str) -> Any:
     async def check(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -119,7 +119,7 @@ def build_router() -> APIRouter:
             limit=limit,
             offset=offset,
         )
-        found, total = await _ctx(request).devices.list(query)
+        found, total = await _ctx(request).devices.find(query)
         return DeviceList(data=[device_out(d) for d in found], total=total, limit=limit, offset=offset)
 
     @r.post("/devices/provision", response_model=ProvisionOut, tags=["provisioning"])

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, and_, delete, event, func, insert, or_, select, update
+from sqlalchemy import Row, Table, and_, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -34,10 +34,10 @@ from gateway.core.records import (
 from gateway.errors import Conflict, NotFound, ProvisioningRefused, StoreUnavailable
 from gateway.store.models import ApiToken, Base, Certificate, Device, RegistrationToken
 
-devices = Device.__table__
-certificates = Certificate.__table__
-registration_tokens = RegistrationToken.__table__
-api_tokens = ApiToken.__table__
+devices = cast(Table, Device.__table__)
+certificates = cast(Table, Certificate.__table__)
+registration_tokens = cast(Table, RegistrationToken.__table__)
+api_tokens = cast(Table, ApiToken.__table__)
 
 
 @dataclass(frozen=True, slots=True)

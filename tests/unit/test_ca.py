@@ -58,8 +58,9 @@ def test_client_certificate_names_only_the_gateways_subject(authority: ca.Author
     """CN and SAN URI carry the subject id the gateway chose, never the CSR's; EKU clientAuth; not a CA."""
     key = ca.generate_key()
     vetted = ca.vet_csr(ca.make_csr(key, "admin"))
-    cert = ca.issue_client_certificate(authority, vetted.public_key, subject_id="dev-1", kind="device", now=NOW,
-                                       validity=timedelta(days=30))
+    cert = ca.issue_client_certificate(
+        authority, vetted.public_key, subject_id="dev-1", kind="device", now=NOW, validity=timedelta(days=30)
+    )
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:gateway:device:dev-1"]
@@ -70,17 +71,28 @@ def test_client_certificate_names_only_the_gateways_subject(authority: ca.Author
     assert cert.not_valid_after_utc == NOW + timedelta(days=30)
     assert cert.not_valid_before_utc < NOW
     cert.verify_directly_issued_by(authority.certificate)
-    other = ca.issue_client_certificate(authority, vetted.public_key, subject_id="dev-1", kind="device", now=NOW,
-                                        validity=timedelta(days=30))
+    other = ca.issue_client_certificate(
+        authority, vetted.public_key, subject_id="dev-1", kind="device", now=NOW, validity=timedelta(days=30)
+    )
     assert other.serial_number != cert.serial_number
 
 
-@pytest.mark.parametrize("bad", ["a/b", "a+b", "#", "$SYS", "", "a\x00b", "é", "x" * 65, "-lead", "a b", "a:b"])
-def test_identities_with_mqtt_special_characters_can_never_be_issued(authority: ca.Authority, bad: str) -> None:
+@pytest.mark.parametrize(
+    "bad", ["a/b", "a+b", "#", "$SYS", "", "a\x00b", "é", "x" * 65, "-lead", "a b", "a:b"]
+)
+def test_identities_with_mqtt_special_characters_can_never_be_issued(
+    authority: ca.Authority, bad: str
+) -> None:
     """Subject ids outside the grammar are refused before anything is signed."""
     with pytest.raises(ca.InvalidSubject):
-        ca.issue_client_certificate(authority, ca.generate_key().public_key(), subject_id=bad, kind="device",
-                                    now=NOW, validity=timedelta(days=1))
+        ca.issue_client_certificate(
+            authority,
+            ca.generate_key().public_key(),
+            subject_id=bad,
+            kind="device",
+            now=NOW,
+            validity=timedelta(days=1),
+        )
 
 
 def csr_with(key: object) -> bytes:
@@ -109,7 +121,7 @@ def test_allowed_keys_pass_vetting(make_key: object, description: str) -> None:
     [
         (lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024), "weak_key"),
         (lambda: ec.generate_private_key(ec.SECP256K1()), "unsupported_key"),
-        (lambda: ed25519.Ed25519PrivateKey.generate(), "unsupported_key"),
+        (ed25519.Ed25519PrivateKey.generate, "unsupported_key"),
     ],
 )
 def test_disallowed_keys_are_rejected(make_key: object, code: str) -> None:
@@ -125,7 +137,9 @@ def test_disallowed_keys_are_rejected(make_key: object, code: str) -> None:
 
 def test_a_tampered_csr_is_rejected() -> None:
     """A CSR whose signed content was altered after signing fails the signature check."""
-    der = bytearray(x509.load_pem_x509_csr(csr_with(ca.generate_key())).public_bytes(serialization.Encoding.DER))
+    der = bytearray(
+        x509.load_pem_x509_csr(csr_with(ca.generate_key())).public_bytes(serialization.Encoding.DER)
+    )
     index = der.index(b"x", 20)  # the CN value inside the signed part
     der[index] = ord("y")
     with pytest.raises(ca.CSRRejected) as rejected:
@@ -135,8 +149,12 @@ def test_a_tampered_csr_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("data", "code"),
-    [(b"garbage", "malformed"), ("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", "malformed"),
-     (b"x" * 20000, "too_large"), ("\u00e9", "malformed")],
+    [
+        (b"garbage", "malformed"),
+        ("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", "malformed"),
+        (b"x" * 20000, "too_large"),
+        ("\u00e9", "malformed"),
+    ],
 )
 def test_garbage_is_rejected_with_a_code(data: bytes | str, code: str) -> None:
     """Unparseable or oversize input is refused with malformed / too_large."""
@@ -157,8 +175,9 @@ def test_vet_csr_returns_or_raises_csr_rejected(data: bytes | str) -> None:
 
 def test_crl_lists_serials_and_is_signed(authority: ca.Authority) -> None:
     """The CRL lists each revoked serial, carries a CRL number and verifies with the CA key."""
-    crl = ca.build_crl(authority, [ca.RevokedEntry(0x1234, NOW), ca.RevokedEntry(0xABCD, NOW)], now=NOW,
-                       crl_number=7)
+    crl = ca.build_crl(
+        authority, [ca.RevokedEntry(0x1234, NOW), ca.RevokedEntry(0xABCD, NOW)], now=NOW, crl_number=7
+    )
     assert {entry.serial_number for entry in crl} == {0x1234, 0xABCD}
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
     assert crl.is_signature_valid(authority.key.public_key())
@@ -168,9 +187,12 @@ def test_crl_lists_serials_and_is_signed(authority: ca.Authority) -> None:
 def test_openssl_reads_our_crl(authority: ca.Authority, tmp_path: Path) -> None:
     """`openssl crl` parses the CRL and lists the serial."""
     path = tmp_path / "crl.pem"
-    path.write_bytes(ca.crl_pem(ca.build_crl(authority, [ca.RevokedEntry(0xBEEF, NOW)], now=NOW, crl_number=1)))
-    out = subprocess.run(["openssl", "crl", "-in", str(path), "-noout", "-text"], capture_output=True, text=True,
-                         check=True).stdout
+    path.write_bytes(
+        ca.crl_pem(ca.build_crl(authority, [ca.RevokedEntry(0xBEEF, NOW)], now=NOW, crl_number=1))
+    )
+    out = subprocess.run(
+        ["openssl", "crl", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=True
+    ).stdout
     assert "BEEF" in out.upper()
 
 
@@ -197,14 +219,22 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
 
 def test_python_ssl_refuses_a_revoked_client_certificate(authority: ca.Authority, tmp_path: Path) -> None:
     """A server context with our CA and CRL (VERIFY_CRL_CHECK_LEAF) refuses the revoked certificate only."""
-    server_key, server_cert = ca.issue_server_certificate(authority, hostnames=["localhost"], now=datetime.now(UTC))
+    server_key, server_cert = ca.issue_server_certificate(
+        authority, hostnames=["localhost"], now=datetime.now(UTC)
+    )
     (tmp_path / "s.key").write_bytes(ca.private_key_pem(server_key))
     (tmp_path / "s.crt").write_bytes(ca.certificate_pem(server_cert))
 
     def client_context(name: str) -> tuple[ssl.SSLContext, int]:
         key = ca.generate_key()
-        cert = ca.issue_client_certificate(authority, key.public_key(), subject_id=name, kind="device",
-                                           now=datetime.now(UTC), validity=timedelta(days=1))
+        cert = ca.issue_client_certificate(
+            authority,
+            key.public_key(),
+            subject_id=name,
+            kind="device",
+            now=datetime.now(UTC),
+            validity=timedelta(days=1),
+        )
         (tmp_path / f"{name}.key").write_bytes(ca.private_key_pem(key))
         (tmp_path / f"{name}.crt").write_bytes(ca.certificate_pem(cert))
         ctx = ssl.create_default_context(cadata=authority.certificate_pem.decode())
@@ -215,8 +245,14 @@ def test_python_ssl_refuses_a_revoked_client_certificate(authority: ca.Authority
     good, _ = client_context("good")
     bad, bad_serial = client_context("bad")
     (tmp_path / "crl.pem").write_bytes(
-        ca.crl_pem(ca.build_crl(authority, [ca.RevokedEntry(bad_serial, datetime.now(UTC))],
-                                now=datetime.now(UTC), crl_number=1))
+        ca.crl_pem(
+            ca.build_crl(
+                authority,
+                [ca.RevokedEntry(bad_serial, datetime.now(UTC))],
+                now=datetime.now(UTC),
+                crl_number=1,
+            )
+        )
     )
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.verify_mode = ssl.CERT_REQUIRED

@@ -106,7 +106,7 @@ def test_unknown_settings_are_refused(tmp_path: Path) -> None:
     """A typo in the config file is an error, not silently ignored."""
     config = tmp_path / "g.toml"
     config.write_text("[mqtt]\nprot = 1\n")
-    with pytest.raises(ConfigError, match="mqtt.prot"):
+    with pytest.raises(ConfigError, match=r"mqtt\.prot"):
         load_settings(config)
 
 
