@@ -33,8 +33,11 @@ def _drop_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]
     return event_dict
 
 
-def configure(settings: LoggingSettings) -> None:
-    """Configure structlog and the standard library once, at start-up."""
+def configure(settings: LoggingSettings, *, cache: bool = True) -> None:
+    """Configure structlog and the standard library once, at start-up.
+
+    `cache=False` keeps loggers reconfigurable, which `structlog.testing.capture_logs` needs.
+    """
     level = getattr(logging, settings.level.upper())
     use_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
@@ -53,7 +56,7 @@ def configure(settings: LoggingSettings) -> None:
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -136,7 +136,7 @@ async def gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[Harness]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_logs() -> None:
-    """Configure logging as the CLI does (amqtt kept to errors), at warning level for tests."""
+    """Configure logging as the CLI does (amqtt kept to errors); info level so tests can capture events."""
     from gateway import logs
 
-    logs.configure(LoggingSettings(level="warning", format="console"))
+    logs.configure(LoggingSettings(level="info", format="console"), cache=False)

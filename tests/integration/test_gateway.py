@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from structlog.testing import capture_logs
 
 import ca
 from ca import files as ca_files
@@ -384,3 +385,81 @@ async def test_shutdown_marks_devices_offline(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert (record.connection.value, record.disconnect_reason) == ("offline", "gateway_shutdown")
+
+
+def blocking_connect(
+    creds: Creds, context: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
+) -> tuple[int, ssl.SSLSession | None, bool]:
+    """One CONNECT over a blocking TLS socket (to control TLS session resumption); returns
+    (CONNACK code or -1 when refused by TLS, the TLS session, whether it was resumed)."""
+    import socket
+
+    with socket.create_connection((HOST, port), timeout=5) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=HOST, session=session) as tls:
+                reused = tls.session_reused
+                tls.sendall(encode_connect(client_id=creds.name, keepalive=60, clean_session=True))
+                connack = tls.recv(4)
+                code = connack[3] if len(connack) == 4 else -1
+                return code, tls.session, reused
+        except (ssl.SSLError, ConnectionError):
+            return -1, None, False
+
+
+async def test_tls_session_resumption_never_bypasses_block_or_revoke(gateway: Harness) -> None:
+    """A resumed TLS session of a blocked device still gets CONNACK 5; after revoke it cannot resume at all."""
+    creds = await gateway.device()
+    context = creds.tls()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # session ids: resumption decided in the handshake
+    code, session, _ = await asyncio.to_thread(blocking_connect, creds, context, gateway.mqtt_port)
+    assert code == 0
+    code, session, reused = await asyncio.to_thread(
+        blocking_connect, creds, context, gateway.mqtt_port, session
+    )
+    assert (code, reused) == (0, True)  # resumption works for a device in good standing
+
+    await gateway.api.post(f"/devices/{creds.name}/block")
+    code, _, reused = await asyncio.to_thread(blocking_connect, creds, context, gateway.mqtt_port, session)
+    assert (code, reused) == (5, True)  # resumed at TLS, refused at admission
+    await gateway.api.post(f"/devices/{creds.name}/unblock")
+
+    await gateway.api.post(f"/devices/{creds.name}/revoke")
+    code, _, reused = await asyncio.to_thread(blocking_connect, creds, context, gateway.mqtt_port, session)
+    assert (code, reused) == (-1, False)  # new TLS context: no resumption, and the CRL refuses
+
+
+async def test_status_is_published_within_100ms_of_the_event(gateway: Harness) -> None:
+    """ONLINE reaches an operator within 100 ms of CONNACK, OFFLINE within 100 ms of DISCONNECT (medians of 5)."""
+    creds = await gateway.device()
+    ops = await watcher(gateway)
+    online, offline = [], []
+    for _ in range(5):
+        client = gateway.client(creds.name)
+        await client.connect(HOST, gateway.mqtt_port, ssl=creds.tls(), server_hostname=HOST)
+        started = time.perf_counter()
+        await next_status(ops, creds.name, "online")
+        online.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await client.disconnect()
+        await next_status(ops, creds.name, "offline")
+        offline.append(time.perf_counter() - started)
+    assert statistics.median(online) < 0.100, online
+    assert statistics.median(offline) < 0.100, offline
+
+
+async def test_session_logs_are_events_with_context_and_no_secrets(gateway: Harness) -> None:
+    """Admission and refusal are dotted events with peer and reason; no token ever reaches a log."""
+    with capture_logs() as logs:
+        did, token = await gateway.register("logged")
+        creds = await gateway.enroll(token)
+        await gateway.connect(creds)
+        with pytest.raises(ConnectRefused):
+            await gateway.connect(creds, client_id="someone-else")
+    events = {entry["event"]: entry for entry in logs}
+    assert events["session.admitted"]["client_id"] == did
+    assert events["session.admitted"]["peer"] == HOST
+    refused = events["session.refused"]
+    assert (refused["reason"], refused["peer"], refused["connack"]) == ("client_id_mismatch", HOST, 2)
+    dumped = json.dumps(logs, default=str)
+    assert token not in dumped
+    assert gateway.admin_token not in dumped
