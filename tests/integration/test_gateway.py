@@ -407,7 +407,7 @@ def blocking_connect(
 
 
 async def test_tls_session_resumption_never_bypasses_block_or_revoke(gateway: Harness) -> None:
-    """A resumed TLS session of a blocked device still gets CONNACK 5; after revoke it cannot resume at all."""
+    """A resumed TLS session of a blocked device still gets CONNACK 5; after revoke none resumes."""
     creds = await gateway.device()
     context = creds.tls()
     context.maximum_version = ssl.TLSVersion.TLSv1_2  # session ids: resumption decided in the handshake
@@ -429,7 +429,7 @@ async def test_tls_session_resumption_never_bypasses_block_or_revoke(gateway: Ha
 
 
 async def test_status_is_published_within_100ms_of_the_event(gateway: Harness) -> None:
-    """ONLINE reaches an operator within 100 ms of CONNACK, OFFLINE within 100 ms of DISCONNECT (medians of 5)."""
+    """ONLINE reaches operators within 100 ms of CONNACK, OFFLINE of DISCONNECT (medians of 5)."""
     creds = await gateway.device()
     ops = await watcher(gateway)
     online, offline = [], []
