@@ -24,9 +24,11 @@ and has a regression test in tests/integration/test_broker_gaps.py:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,7 +43,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from gateway.config import MqttSettings
 from gateway.core import topics, wire
@@ -64,10 +66,12 @@ _ACTIONS = {
     AmqttAction.SUBSCRIBE: topics.Action.SUBSCRIBE,
     AmqttAction.RECEIVE: topics.Action.RECEIVE,
 }
-# The handler's inbound queue between the socket reader and the broker loop: a full
-# queue stops the reader, which stops reading the socket (back-pressure).
+# amqtt's per-session queue of inbound messages; unused for PUBLISH (the reader hands
+# them to the broker inline) but bounded in case anything else feeds it.
 DELIVERY_QUEUE_SIZE = 100
 MAX_QOS2_IN_FLIGHT = 100
+# First bytes of the acknowledgements the gateway sends for inbound publishes.
+_PUBACK, _PUBREC, _PUBCOMP = 0x40, 0x50, 0x70
 WRITER_CLOSE_TIMEOUT_S = 1.0
 # Messages queued for a disconnected persistent session, and how long it is kept.
 OFFLINE_QUEUE_SIZE = 1000
@@ -95,13 +99,24 @@ class LiveSession:
     check_in: bool
     epoch: int | None = None  # set by the presence service when the session goes online
     close_reason: OfflineReason | None = None
+    last_packet_at: float = 0.0  # time.time() of the last packet read (flushed to last_seen_at)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _publish_acl: dict[str, bool] = field(default_factory=dict)
 
     @property
     def device_id(self) -> str | None:
         if isinstance(self.principal, topics.DevicePrincipal):
             return self.principal.device_id.value
         return None
+
+    def may_publish(self, topic: str) -> bool:
+        """The ACL's answer for this session, remembered: devices publish to a handful of topics."""
+        allowed = self._publish_acl.get(topic)
+        if allowed is None:
+            if len(self._publish_acl) >= 64:
+                self._publish_acl.clear()
+            allowed = self._publish_acl[topic] = topics.check(self.principal, topics.Action.PUBLISH, topic)
+        return allowed
 
 
 class SessionHooks(Protocol):
@@ -113,7 +128,11 @@ class SessionHooks(Protocol):
 
     async def session_ended(self, session: LiveSession, reason: OfflineReason) -> None: ...
 
-    async def message_accepted(self, session: LiveSession, topic: str, payload: bytes, qos: int) -> None: ...
+    async def message_accepted(
+        self, session: LiveSession, topic: str, payload: bytes, qos: int
+    ) -> asyncio.Future[None] | None:
+        """Take a PUBLISH the ACL allowed; return a future resolved once it is stored
+        (its acknowledgement waits for it), or None to acknowledge at once."""
 
     async def message_denied(self, session: LiveSession, topic: str) -> None: ...
 
@@ -196,6 +215,11 @@ class _Handler(BrokerProtocolHandler):
     live: LiveSession | None = None
     max_packet_bytes: int = 1024 * 1024
     keepalive_factor: float = 1.5
+    on_publish: Callable[[_Handler, wire.PublishFields], Awaitable[asyncio.Future[None] | None]] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: collections.deque[tuple[int, int, asyncio.Future[None] | None]] = collections.deque()
 
     async def close_with(self, reason: OfflineReason) -> None:
         """End the session through the normal disconnect flow (gap 10).
@@ -234,7 +258,6 @@ class _Handler(BrokerProtocolHandler):
             raise AMQTTError("handler started without a session")
         keep_alive = self.session.keep_alive
         timeout = keep_alive * self.keepalive_factor if keep_alive > 0 else None
-        qos2: set[asyncio.Task[None]] = set()
         reason: OfflineReason | None = None
         self._reader_ready.set()
         try:
@@ -247,20 +270,20 @@ class _Handler(BrokerProtocolHandler):
                 if frame is None:
                     break
                 packet_type, flags, body = frame
+                if self.live is not None:
+                    self.live.last_packet_at = time.time()
+                if packet_type == wire.PUBLISH:
+                    await self._inbound_publish(wire.parse_publish(flags, body))
+                    continue
                 wire.check_packet(packet_type, flags, body)
+                if packet_type == wire.PUBREL:
+                    self._release(int.from_bytes(body[:2], "big"))
+                    continue
                 fixed = MQTTFixedHeader(packet_type, flags, len(body))
                 packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
                 if packet_type == wire.DISCONNECT:
                     await self.handle_disconnect(packet)
                     break
-                if packet_type == wire.PUBLISH and wire.publish_qos(flags) == 2:
-                    # The QoS 2 flow waits for PUBREL, which this loop must read.
-                    if len(qos2) >= MAX_QOS2_IN_FLIGHT:
-                        raise wire.violation("too many QoS 2 messages in flight")
-                    task = asyncio.create_task(self.handle_publish(packet))
-                    qos2.add(task)
-                    task.add_done_callback(qos2.discard)
-                    continue
                 await self._dispatch(packet_type, packet)
         except ProtocolViolation as exc:
             reason = OfflineReason.PROTOCOL_ERROR
@@ -273,20 +296,81 @@ class _Handler(BrokerProtocolHandler):
         except asyncio.CancelledError:
             pass  # stop() cancels the reader; the disconnect flow below still runs
         finally:
-            for task in qos2:
-                task.cancel()
             if reason is not None and self.live is not None and self.live.close_reason is None:
                 self.live.close_reason = reason
             await self.handle_connection_closed()
             self._reader_stopped.set()
         await self.stop()
 
+    # --- inbound PUBLISH: acknowledged only once stored (gap 7) ------------------------
+    #
+    # amqtt sent PUBACK as soon as a message sat in memory, from a task per packet.
+    # Here the reader hands each PUBLISH to the broker inline (a full ingest queue stops
+    # the reader, so the socket is no longer read), and the acknowledgement (PUBACK, or
+    # PUBREC for QoS 2) waits for the future the broker returns: resolved when the
+    # batch holding the message is committed. Acknowledgements leave in the order the
+    # PUBLISHes arrived (MQTT-4.6.0-2), whatever order their batches commit in.
+
+    async def _inbound_publish(self, fields: wire.PublishFields) -> None:
+        if self.on_publish is None or self.session is None:
+            raise AMQTTError("handler has no publish sink")
+        pending = self._qos2_pending()
+        if fields.qos == 2 and fields.packet_id in pending:
+            self._queue_ack(_PUBREC, fields.packet_id, pending[fields.packet_id])  # a resend
+            return
+        stored = await self.on_publish(self, fields)
+        if fields.packet_id is None:
+            return
+        if fields.qos == 2:
+            if len(pending) >= MAX_QOS2_IN_FLIGHT:
+                raise wire.violation("too many QoS 2 messages awaiting PUBREL")
+            pending[fields.packet_id] = stored
+            self._queue_ack(_PUBREC, fields.packet_id, stored)
+        else:
+            self._queue_ack(_PUBACK, fields.packet_id, stored)
+
+    def _qos2_pending(self) -> dict[int, asyncio.Future[None] | None]:
+        """QoS 2 packet ids received and not yet released; kept on the (possibly persistent) session."""
+        if self.session is None:
+            return {}
+        pending: dict[int, asyncio.Future[None] | None]
+        pending = self.session.attributes.setdefault("gateway.qos2", {})
+        return pending
+
+    def _release(self, packet_id: int) -> None:
+        """PUBREL: the client is done with this id; PUBCOMP in any case (MQTT-4.3.3)."""
+        self._qos2_pending().pop(packet_id, None)
+        self._queue_ack(_PUBCOMP, packet_id, None)
+
+    def _queue_ack(self, first_byte: int, packet_id: int, stored: asyncio.Future[None] | None) -> None:
+        self._acks.append((first_byte, packet_id, stored))
+        if stored is not None and not stored.done():
+            stored.add_done_callback(self._flush_acks)
+        self._flush_acks()
+
+    def _flush_acks(self, _: object = None) -> None:
+        while self._acks:
+            first_byte, packet_id, stored = self._acks[0]
+            if stored is not None:
+                if not stored.done():
+                    return
+                if stored.cancelled() or stored.exception() is not None:
+                    # Not stored: never acknowledge. Closing makes the device resend it.
+                    self._acks.clear()
+                    if self.live is not None and self.live.close_reason is None:
+                        self.live.close_reason = OfflineReason.STORE_UNAVAILABLE
+                    waiter = self._waiter()
+                    if not waiter.done():
+                        waiter.set_result(None)
+                    return
+            self._acks.popleft()
+            if self.writer is not None:
+                self.writer.write(bytes((first_byte, 2)) + packet_id.to_bytes(2, "big"))
+
     async def _dispatch(self, packet_type: int, packet: Any) -> None:
         handlers: dict[int, Callable[[Any], Awaitable[None]]] = {
-            wire.PUBLISH: self.handle_publish,
             wire.PUBACK: self.handle_puback,
             wire.PUBREC: self.handle_pubrec,
-            wire.PUBREL: self.handle_pubrel,
             wire.PUBCOMP: self.handle_pubcomp,
             wire.SUBSCRIBE: self.handle_subscribe,
             wire.UNSUBSCRIBE: self.handle_unsubscribe,
@@ -367,6 +451,7 @@ class _Broker(Broker):
 
         live = self._live_session(decision, peer)
         handler.live = live
+        handler.on_publish = self._on_publish
         handler.max_packet_bytes = self.settings.max_packet_bytes
         handler.keepalive_factor = self.settings.keepalive_factor
         if self.settings.max_keepalive_s and (
@@ -489,22 +574,20 @@ class _Broker(Broker):
         finally:
             live.ended.set()
 
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: Any, wait_deliver: Any
-    ) -> bool:
-        message: ApplicationMessage | None = wait_deliver.result()
-        live: LiveSession = handler.live
-        if message is None:
-            return True
-        if not await self._topic_filtering(client_session, message.topic, AmqttAction.PUBLISH):
-            await self._hooks.message_denied(live, message.topic)
-            return True
-        qos = int(message.qos or 0)
-        await self._hooks.message_accepted(live, message.topic, bytes(message.data), qos)
-        await self._broadcast_message(client_session, message.topic, message.data, force_qos=qos)
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            await self.retain_message(client_session, message.topic, message.data, qos)
-        return True
+    async def _on_publish(self, handler: _Handler, fields: wire.PublishFields) -> asyncio.Future[None] | None:
+        """ACL, then the gateway (ingest), then fan-out and retain. Returns the stored-future."""
+        live, session = handler.live, handler.session
+        if live is None or session is None:
+            raise AMQTTError("publish on a handler without a session")
+        if not live.may_publish(fields.topic):
+            await self._hooks.message_denied(live, fields.topic)
+            return None
+        stored = await self._hooks.message_accepted(live, fields.topic, fields.payload, fields.qos)
+        if self._subscriptions:
+            await self._broadcast_message(session, fields.topic, fields.payload, force_qos=fields.qos)
+        if fields.retain:
+            await self.retain_message(session, fields.topic, fields.payload, fields.qos)
+        return stored
 
     async def _topic_filtering(self, session: Session, topic: str, action: AmqttAction) -> bool:
         """The one ACL: `gateway.core.topics`, for the principal the certificate proved."""

@@ -8,6 +8,8 @@ presence changes, refusal logs and ``gateway/events/connect_failed`` events.
 
 from __future__ import annotations
 
+import asyncio
+
 from gateway.broker import LiveSession, Peer
 from gateway.core.admission import Admitted, ConnectClaims, Decision, Refusal, Refused, decide
 from gateway.core.clock import utcnow
@@ -75,8 +77,11 @@ class Gatekeeper:
         )
         await self._presence.offline(session, reason)
 
-    async def message_accepted(self, session: LiveSession, topic: str, payload: bytes, qos: int) -> None:
+    async def message_accepted(
+        self, session: LiveSession, topic: str, payload: bytes, qos: int
+    ) -> asyncio.Future[None] | None:
         self.accepted_publishes += 1
+        return None
 
     async def message_denied(self, session: LiveSession, topic: str) -> None:
         self.denied_publishes += 1

@@ -26,6 +26,7 @@ class OfflineReason(enum.StrEnum):
     CONNECTION_LOST = "connection_lost"
     KEEPALIVE_TIMEOUT = "keepalive_timeout"
     PROTOCOL_ERROR = "protocol_error"  # the device broke MQTT; the gateway closed the connection
+    STORE_UNAVAILABLE = "store_unavailable"  # a message could not be stored; closed so it is resent
     BLOCKED = "blocked"
     REVOKED = "revoked"
     DEACTIVATED = "deactivated"

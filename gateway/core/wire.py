@@ -171,7 +171,20 @@ def publish_qos(flags: int) -> int:
     return (flags >> 1) & 0x03
 
 
-def _check_publish(flags: int, body: bytes) -> None:
+@dataclass(frozen=True, slots=True)
+class PublishFields:
+    """A well-formed PUBLISH from a client."""
+
+    topic: str
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int | None
+    payload: bytes
+
+
+def parse_publish(flags: int, body: bytes) -> PublishFields:
+    """Check and split a PUBLISH (the hot path: one pass over the header, payload sliced once)."""
     qos = publish_qos(flags)
     if qos == 3:
         raise violation("PUBLISH with QoS 3")  # MQTT-3.3.1-4
@@ -183,8 +196,16 @@ def _check_publish(flags: int, body: bytes) -> None:
         Topic(topic)
     except InvalidValue as exc:
         raise violation(f"bad PUBLISH topic: {exc.message}") from exc  # MQTT-3.3.2-2
-    if qos and cur.u16("packet id") == 0:
-        raise violation("PUBLISH with packet id 0")
+    packet_id = None
+    if qos:
+        packet_id = cur.u16("packet id")
+        if packet_id == 0:
+            raise violation("PUBLISH with packet id 0")
+    return PublishFields(topic, qos, bool(flags & 0x01), bool(flags & 0x08), packet_id, body[cur.pos :])
+
+
+def _check_publish(flags: int, body: bytes) -> None:
+    parse_publish(flags, body)
 
 
 def _check_subscribe(body: bytes) -> None:

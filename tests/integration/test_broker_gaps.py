@@ -327,3 +327,44 @@ async def test_a_device_will_cannot_spoof_status(gateway: Harness) -> None:
     await honest.close()  # no DISCONNECT: the will is published
     message = await ops.next_message(timeout=5)
     assert (message.topic, json.loads(message.payload)) == (f"devices/{creds.name}/health", {"gone": True})
+
+
+# --- gap 7: inbound publishes are acknowledged by the gateway, in order ---------------------
+
+
+async def test_qos1_acknowledgements_come_in_publish_order(gateway: Harness) -> None:
+    """500 pipelined QoS 1 publishes are all acknowledged, PUBACKs in the order of the PUBLISHes."""
+    creds = await gateway.device()
+    reader, writer = await raw_session(gateway, creds)
+    topic = f"devices/{creds.name}/readings"
+    ids = list(range(1, 501))
+    writer.write(
+        b"".join(encode_publish(topic, b'{"sensor":"t","value":1}', qos=1, packet_id=i) for i in ids)
+    )
+    await writer.drain()
+    acks = await asyncio.wait_for(reader.readexactly(4 * len(ids)), 10)
+    assert [int.from_bytes(acks[i + 2 : i + 4], "big") for i in range(0, len(acks), 4)] == ids
+    assert all(acks[i] == 0x40 for i in range(0, len(acks), 4))
+    await shut(writer)
+
+
+async def test_qos2_inbound_flow_delivers_once(gateway: Harness) -> None:
+    """QoS 2: PUBREC, a resent PUBLISH (DUP) is not delivered again, PUBREL gets PUBCOMP."""
+    creds = await gateway.device()
+    ops = await gateway.connect(await gateway.operator(), client_id="")
+    await ops.subscribe((f"devices/{creds.name}/readings", 2))
+    reader, writer = await raw_session(gateway, creds)
+    topic = f"devices/{creds.name}/readings"
+    writer.write(encode_publish(topic, b'{"sensor":"t","value":1}', qos=2, packet_id=7))
+    await writer.drain()
+    assert await reader.readexactly(4) == b"\x50\x02\x00\x07"  # PUBREC
+    writer.write(encode_publish(topic, b'{"sensor":"t","value":1}', qos=2, packet_id=7, dup=True))
+    await writer.drain()
+    assert await reader.readexactly(4) == b"\x50\x02\x00\x07"  # PUBREC again, not a new message
+    writer.write(b"\x62\x02\x00\x07")  # PUBREL
+    await writer.drain()
+    assert await reader.readexactly(4) == b"\x70\x02\x00\x07"  # PUBCOMP
+    assert (await ops.next_message(timeout=5)).payload == b'{"sensor":"t","value":1}'
+    with pytest.raises(TimeoutError):
+        await ops.next_message(timeout=0.3)
+    await shut(writer)
