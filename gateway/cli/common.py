@@ -50,11 +50,18 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
+def cell(value: Any) -> str:
+    """A value as a person reads it: ``-`` for nothing, ``yes``/``no`` for booleans."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
     """A plain aligned table (header, rows); ``-`` for empty cells."""
-    cells = [
-        [str(row.get(key) if row.get(key) not in (None, "") else "-") for key, _ in columns] for row in rows
-    ]
+    cells = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     headers = [title for _, title in columns]
     widths = [max([len(headers[i])] + [len(r[i]) for r in cells]) for i in range(len(columns))]
     bold = sys.stdout.isatty()
@@ -73,6 +80,6 @@ def print_record(record: dict[str, Any], *, skip: Sequence[str] = ()) -> None:
         if isinstance(value, dict):
             typer.echo(f"{key}:")
             for sub, sub_value in value.items():
-                typer.echo(f"  {sub}: {sub_value if sub_value is not None else '-'}")
+                typer.echo(f"  {sub}: {cell(sub_value)}")
         else:
-            typer.echo(f"{key.ljust(width)}  {value if value is not None else '-'}")
+            typer.echo(f"{key.ljust(width)}  {cell(value)}")

@@ -128,7 +128,8 @@ def enroll(
         print_json(summary)
         return
     typer.echo(
-        f"enrolled {summary['id']}: certificate {summary['certificate_serial']} valid until {summary['not_after']}"
+        f"enrolled {summary['id']}: certificate {summary['certificate_serial']} "
+        f"valid until {summary['not_after']}"
     )
     typer.echo(f"  key  {key_path} (0600)\n  cert {cert_path}\n  ca   {ca_path}")
 

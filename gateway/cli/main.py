@@ -24,9 +24,6 @@ app = typer.Typer(
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(devices.app, name="devices")
-app.add_typer(operators.app, name="operators")
-app.command("tail")(tail.tail)
 
 
 def _version(value: bool) -> None:
@@ -86,9 +83,8 @@ def init(
     for item in report.created:
         typer.echo(f"created {item}")
     if report.admin_token:
-        typer.echo(
-            f"\nAdmin API token (shown once, also saved to {report.admin_token_path}):\n  {report.admin_token}"
-        )
+        typer.echo(f"\nAdmin API token (shown once, also saved to {report.admin_token_path}):")
+        typer.echo(f"  {report.admin_token}")
 
 
 @app.command(name="serve")
@@ -104,8 +100,8 @@ def serve_command(ctx: typer.Context) -> None:
     report = asyncio.run(initialise(settings))
     if report.admin_token:
         # Printed once, to the terminal only (never to the log); also in admin.token (0600).
-        typer.echo(f"Admin API token (shown once, also saved to {report.admin_token_path}):\n  "
-                   f"{report.admin_token}", err=True)
+        typer.echo(f"Admin API token (shown once, also saved to {report.admin_token_path}):", err=True)
+        typer.echo(f"  {report.admin_token}", err=True)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -115,6 +111,12 @@ def serve_command(ctx: typer.Context) -> None:
         await serve(settings, stop)
 
     asyncio.run(run())
+
+
+# Registered after `init` and `serve` so that `gateway --help` lists those two first.
+app.add_typer(devices.app, name="devices")
+app.add_typer(operators.app, name="operators")
+app.command("tail")(tail.tail)
 
 
 def main() -> None:

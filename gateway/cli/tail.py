@@ -71,11 +71,18 @@ async def follow(
     target = host or settings.mqtt.host
     if target in ("0.0.0.0", "::"):  # noqa: S104 - a bind-all address is not a place to connect to
         target = "127.0.0.1"
+    port = port or settings.mqtt.port
     client = MqttClient(client_id="", keepalive=30)
     seen: dict[str, int] = {}
     printed = 0
     try:
-        await client.connect(target, port or settings.mqtt.port, ssl=ctx, server_hostname=target)
+        try:
+            await client.connect(target, port, ssl=ctx, server_hostname=target)
+        except OSError as exc:  # TCP itself failed (TLS and MQTT failures are ConnectionClosed)
+            raise ConfigError(
+                f"cannot reach the gateway's MQTT listener at {target}:{port} "
+                f"({exc or type(exc).__name__}); is `gateway serve` running?"
+            ) from exc
         await client.subscribe(("gateway/status/#", 1), ("gateway/events/#", 1))
         async for message in client.messages():
             try:
