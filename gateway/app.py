@@ -25,13 +25,16 @@ from gateway.core.clock import utcnow
 from gateway.core.presence import OfflineReason
 from gateway.devices import DeviceService
 from gateway.events import Events
+from gateway.ingest import Ingest
 from gateway.listener import MqttListener
 from gateway.logs import get_logger
 from gateway.pki import Pki, PkiPaths, TlsContexts
 from gateway.pki import initialise as initialise_pki
 from gateway.presence import PresenceService
+from gateway.retention import Retention
 from gateway.sessions import Gatekeeper
 from gateway.store import Store
+from gateway.store.data import DeviceData
 
 log = get_logger("gateway.app")
 
@@ -96,8 +99,11 @@ class GatewayApp:
         self.engine = MqttEngine(settings.mqtt)
         self.events = Events(self.engine)
         self.presence = PresenceService(self.store, self.events)
-        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events)
-        self._background: asyncio.Task[None] | None = None
+        self.data = DeviceData(self.store.engine)
+        self.ingest = Ingest(self.data, self.events, settings.ingest, last_seen=self._last_seen)
+        self.retention = Retention(self.data, settings.retention)
+        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events, self.ingest)
+        self._background: list[asyncio.Task[None]] = []
         self._started = False
 
     async def start(self) -> None:
@@ -114,6 +120,7 @@ class GatewayApp:
             device_validity=timedelta(days=self.settings.ca.device_validity_days),
             crl_next_update=timedelta(days=self.settings.ca.crl_next_update_days),
         )
+        await self.ingest.start()
         await self.engine.start(self.gatekeeper)
         recovered = await self.presence.recover()
         await self.devices.refresh_crl()
@@ -124,6 +131,7 @@ class GatewayApp:
                 devices=self.devices,
                 store=self.store,
                 pki=self.pki,
+                data=self.data,
                 session_count=lambda: self.engine.connected_count,
             )
         )
@@ -135,7 +143,10 @@ class GatewayApp:
             keyfile=self.pki.paths.server_key,
         )
         await self.api.start()
-        self._background = asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh")
+        self._background = [
+            asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh"),
+            asyncio.create_task(self.retention.run(), name="retention"),
+        ]
         self._started = True
         log.warning(  # warning level: the one line an operator needs even with quiet logs
             "gateway.started",
@@ -145,6 +156,11 @@ class GatewayApp:
             api_port=self.api_port,
             recovered_offline=recovered,
         )
+
+    def _last_seen(self) -> list[tuple[str, float]]:
+        return [
+            (s.device_id, s.last_packet_at) for s in self.engine.live_sessions() if s.device_id is not None
+        ]
 
     @property
     def mqtt_port(self) -> int:
@@ -169,13 +185,13 @@ class GatewayApp:
             return
         self._started = False
         log.info("gateway.stopping")
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.listener.stop_accepting()
         await self.api.stop()
         closed = await self.engine.kick_all(OfflineReason.GATEWAY_SHUTDOWN)
+        await self.ingest.stop()  # commits what was queued before the sessions closed
         swept = await self.presence.sweep(OfflineReason.GATEWAY_SHUTDOWN)
         await self.listener.wait_connections_closed(grace_s=5)
         await self.engine.stop()

@@ -721,6 +721,15 @@ class MqttEngine:
             if any(session.client_id == key for session, _ in subscribers)
         )
 
+    def live_sessions(self) -> list[LiveSession]:
+        """The gateway's view of every connected session."""
+        found = []
+        for session, handler in self._broker.sessions.values():
+            live = getattr(handler, "live", None)
+            if isinstance(live, LiveSession) and session.transitions.is_connected():
+                found.append(live)
+        return found
+
     def is_connected(self, key: str) -> bool:
         session = self._broker.sessions.get(key, (None, None))[0]
         return bool(session is not None and session.transitions.is_connected())

@@ -64,6 +64,22 @@ class ProvisioningSettings(_Section):
     token_ttl_hours: float = Field(default=72.0, gt=0)
 
 
+class IngestSettings(_Section):
+    queue_size: int = Field(default=10_000, ge=1)  # messages waiting for the writer
+    max_batch_rows: int = Field(default=500, ge=1, le=100_000)  # rows per commit
+    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=10_000)  # wait for more before committing
+    max_payload_bytes: int = Field(default=256 * 1024, ge=16)  # larger payloads are rejected, not stored
+    ack_after_commit: bool = True  # false: acknowledge on receipt, as stock amqtt did (loses data on a crash)
+    last_seen_flush_s: float = Field(default=2.0, gt=0)
+
+
+class RetentionSettings(_Section):
+    readings_days: float = Field(default=90, gt=0)
+    health_days: float = Field(default=30, gt=0)
+    interval_s: float = Field(default=600, gt=0)  # how often the purge runs
+    batch_size: int = Field(default=5_000, ge=1)  # rows deleted per transaction
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, JSON otherwise
@@ -84,6 +100,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     ca: CaSettings = Field(default_factory=CaSettings)
     provisioning: ProvisioningSettings = Field(default_factory=ProvisioningSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("paths")

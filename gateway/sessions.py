@@ -3,7 +3,8 @@
 Receives, from the broker adapter, each CONNECT (peer certificate and claims), each
 session start and end, and each PUBLISH that passed or failed the ACL; hands on an
 admission decision (`gateway.core.admission.decide` over the registry's records),
-presence changes, refusal logs and ``gateway/events/connect_failed`` events.
+presence changes, refusal logs, ``gateway/events/connect_failed`` events, and the
+devices' data to ingest (whose future releases the PUBLISH's acknowledgement).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.core.clock import utcnow
 from gateway.core.ids import Fingerprint
 from gateway.core.presence import OfflineReason
 from gateway.events import Events
+from gateway.ingest import Ingest
 from gateway.logs import get_logger
 from gateway.presence import PresenceService
 from gateway.store import Store
@@ -26,10 +28,11 @@ log = get_logger("gateway.sessions")
 class Gatekeeper:
     """Implements `gateway.broker.SessionHooks`."""
 
-    def __init__(self, store: Store, presence: PresenceService, events: Events) -> None:
+    def __init__(self, store: Store, presence: PresenceService, events: Events, ingest: Ingest) -> None:
         self._store = store
         self._presence = presence
         self._events = events
+        self._ingest = ingest
         self.denied_publishes = 0
         self.accepted_publishes = 0
 
@@ -81,7 +84,9 @@ class Gatekeeper:
         self, session: LiveSession, topic: str, payload: bytes, qos: int
     ) -> asyncio.Future[None] | None:
         self.accepted_publishes += 1
-        return None
+        if session.device_id is None:  # operators publish nothing (the ACL said so already)
+            return None
+        return await self._ingest.submit(session.device_id, topic, payload, qos)
 
     async def message_denied(self, session: LiveSession, topic: str) -> None:
         self.denied_publishes += 1

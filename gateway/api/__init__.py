@@ -4,6 +4,7 @@ Receives an `ApiContext` (services built by the composition root); hands on a
 FastAPI application served by uvicorn in the gateway's event loop.
 """
 
-from gateway.api.app import ApiContext, create_app
+from gateway.api.app import create_app
+from gateway.api.auth import ApiContext
 
 __all__ = ["ApiContext", "create_app"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 
 import gateway
-from gateway.api import errors
+from gateway.api import data, errors
+from gateway.api.auth import ADMIN, READ, WRITE, ApiContext, context
 from gateway.api.schemas import (
     DeviceEnvelope,
     DeviceList,
@@ -23,53 +22,12 @@ from gateway.api.schemas import (
     device_out,
     when,
 )
-from gateway.core import tokens
-from gateway.core.clock import utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 from gateway.core.records import SORTABLE_FIELDS, DeviceQuery
-from gateway.devices import DeviceService
-from gateway.errors import Forbidden, InvalidValue, StoreUnavailable, Unauthorized
-from gateway.pki import Pki
-from gateway.store import Store
+from gateway.errors import InvalidValue, StoreUnavailable
 
 PEM = "application/x-pem-file"
-
-
-@dataclass(frozen=True)
-class ApiContext:
-    devices: DeviceService
-    store: Store
-    pki: Pki
-    session_count: object  # Callable[[], int]; kept loose so tests can pass a lambda
-
-
-def _ctx(request: Request) -> ApiContext:
-    ctx: ApiContext = request.app.state.ctx
-    return ctx
-
-
-_bearer = HTTPBearer(auto_error=False, description="an API token (gateway init prints the admin token)")
-
-
-def require(scope: str) -> Any:
-    async def check(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if credentials is None or not credentials.credentials:
-            raise Unauthorized("missing bearer token", code="unauthorized")
-        token = await _ctx(request).store.find_api_token(tokens.hash_token(credentials.credentials), utcnow())
-        if token is None:
-            raise Unauthorized("invalid, expired or revoked token", code="unauthorized")
-        if not tokens.allows(token.scopes, scope):
-            raise Forbidden(f"this token lacks the {scope!r} scope", code="forbidden")
-        request.state.token_name = token.name
-
-    return Depends(check)
-
-
-READ, WRITE, ADMIN = require(tokens.READ), require(tokens.WRITE), require(tokens.ADMIN)
 
 
 def _sort(raw: str | None) -> tuple[str, ...]:
@@ -91,7 +49,7 @@ def build_router() -> APIRouter:
     @r.post("/devices", status_code=201, response_model=Registered, dependencies=[WRITE], tags=["devices"])
     async def register(body: RegisterIn, request: Request) -> Registered:
         """Register a device (status ``pending``) and make its one-time registration token."""
-        reg = await _ctx(request).devices.register(body.name, body.id)
+        reg = await context(request).devices.register(body.name, body.id)
         return Registered(
             data=device_out(reg.device), registration_token=reg.token, token_expires_at=when(reg.expires_at)
         )
@@ -119,13 +77,13 @@ def build_router() -> APIRouter:
             limit=limit,
             offset=offset,
         )
-        found, total = await _ctx(request).devices.find(query)
+        found, total = await context(request).devices.find(query)
         return DeviceList(data=[device_out(d) for d in found], total=total, limit=limit, offset=offset)
 
     @r.post("/devices/provision", response_model=ProvisionOut, tags=["provisioning"])
     async def provision(body: ProvisionIn, request: Request) -> ProvisionOut:
         """Exchange a one-time registration token and a CSR for a device certificate (no bearer token)."""
-        result = await _ctx(request).devices.provision(body.token, body.csr)
+        result = await context(request).devices.provision(body.token, body.csr)
         return ProvisionOut(
             device_id=result.device_id,
             certificate=result.certificate_pem,
@@ -136,12 +94,12 @@ def build_router() -> APIRouter:
 
     @r.get("/devices/{device_id}", response_model=DeviceEnvelope, dependencies=[READ], tags=["devices"])
     async def show(device_id: str, request: Request) -> DeviceEnvelope:
-        return DeviceEnvelope(data=device_out(await _ctx(request).devices.get(device_id)))
+        return DeviceEnvelope(data=device_out(await context(request).devices.get(device_id)))
 
     @r.patch("/devices/{device_id}", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"])
     async def patch(device_id: str, body: PatchIn, request: Request) -> DeviceEnvelope:
         """Rename and/or change status (``inactive`` cuts a live session at once)."""
-        service = _ctx(request).devices
+        service = context(request).devices
         device = await service.get(device_id)
         if body.name is not None:
             device = await service.rename(device_id, body.name)
@@ -154,36 +112,36 @@ def build_router() -> APIRouter:
     )
     async def block(device_id: str, request: Request) -> DeviceEnvelope:
         """Refuse the device and cut its live session at once; certificates stay valid."""
-        return DeviceEnvelope(data=device_out(await _ctx(request).devices.block(device_id)))
+        return DeviceEnvelope(data=device_out(await context(request).devices.block(device_id)))
 
     @r.post(
         "/devices/{device_id}/unblock", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"]
     )
     async def unblock(device_id: str, request: Request) -> DeviceEnvelope:
-        return DeviceEnvelope(data=device_out(await _ctx(request).devices.unblock(device_id)))
+        return DeviceEnvelope(data=device_out(await context(request).devices.unblock(device_id)))
 
     @r.post(
         "/devices/{device_id}/revoke", response_model=DeviceEnvelope, dependencies=[ADMIN], tags=["devices"]
     )
     async def revoke(device_id: str, request: Request) -> DeviceEnvelope:
         """Final: status ``revoked``, every certificate on the CRL, live session cut."""
-        return DeviceEnvelope(data=device_out(await _ctx(request).devices.revoke(device_id)))
+        return DeviceEnvelope(data=device_out(await context(request).devices.revoke(device_id)))
 
     @r.delete("/devices/{device_id}", response_model=Success, dependencies=[ADMIN], tags=["devices"])
     async def delete(device_id: str, request: Request) -> Success:
         """Revoke, cut the session, then remove the record (certificates stay on the CRL)."""
-        await _ctx(request).devices.delete(device_id)
+        await context(request).devices.delete(device_id)
         return Success(success=True)
 
     @r.get("/ca/certificate", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
     async def ca_certificate(request: Request) -> Response:
         """The gateway's root CA certificate (PEM): devices trust the gateway with it."""
-        return Response(_ctx(request).pki.ca_pem, media_type=PEM)
+        return Response(context(request).pki.ca_pem, media_type=PEM)
 
     @r.get("/ca/crl", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
     async def ca_crl(request: Request) -> Response:
         """The current certificate revocation list (PEM)."""
-        return Response(_ctx(request).pki.crl_pem(), media_type=PEM)
+        return Response(context(request).pki.crl_pem(), media_type=PEM)
 
     return r
 
@@ -199,18 +157,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     errors.install(app)
     app.include_router(build_router(), prefix="/api/v1")
+    app.include_router(data.build_router(), prefix="/api/v1")
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz(request: Request, response: Response) -> Health:
         """Liveness and readiness for the container's health check (no auth)."""
-        context = _ctx(request)
+        ctx = context(request)
         database: Literal["ok", "unavailable"] = "ok"
         try:
-            await context.store.ping()
+            await ctx.store.ping()
         except StoreUnavailable:
             database = "unavailable"
             response.status_code = 503
-        count = context.session_count() if callable(context.session_count) else 0
+        count = ctx.session_count()
         return Health(
             status="ok" if database == "ok" else "degraded",
             database=database,

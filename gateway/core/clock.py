@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from gateway.errors import InvalidValue
 
 
 def utcnow() -> datetime:
@@ -16,3 +18,21 @@ def iso(moment: datetime | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``1h``, ``7d``, ``2w`` (a number and one unit) as a timedelta."""
+    raw = text.strip().lower() if isinstance(text, str) else ""
+    number, unit = raw[:-1], raw[-1:] if raw else ""
+    try:
+        amount = float(number)
+    except ValueError as exc:
+        raise InvalidValue(
+            f"invalid duration {text!r}: use e.g. 30m, 1h, 7d", code="invalid_duration"
+        ) from exc
+    if unit not in _UNITS or not 0 < amount <= 10 * 365 * 86400 / _UNITS[unit]:
+        raise InvalidValue(f"invalid duration {text!r}: use e.g. 30m, 1h, 7d", code="invalid_duration")
+    return timedelta(seconds=amount * _UNITS[unit])

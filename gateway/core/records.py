@@ -99,3 +99,63 @@ SORTABLE_FIELDS = frozenset(
         "last_data_at",
     }
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingRecord:
+    id: int
+    device_id: str
+    component: str | None
+    sensor: str
+    value: float | int | bool | str
+    value_type: str  # number | boolean | string
+    unit: str | None
+    ts: datetime
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRecord:
+    id: int | None  # None for the latest-health view
+    device_id: str
+    ts: datetime
+    received_at: datetime
+    uptime_s: float
+    free_heap_bytes: int
+    rssi_dbm: float
+    connection_type: str
+    readings_sent: int
+    readings_dropped: int
+    battery_pct: float | None
+    extra: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class SensorRecord:
+    device_id: str
+    component: str | None
+    name: str
+    value_type: str
+    unit: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentRecord:
+    device_id: str
+    id: str
+    profile: str | None
+    created_at: datetime
+    updated_at: datetime
+    sensors: tuple[SensorRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Filters and page of a time-series query, newest first."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+    before: tuple[datetime, int] | None = None  # the (ts, id) of the last row of the previous page

@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -122,3 +124,103 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# --- device data (ingest) ------------------------------------------------------------------
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+
+
+class ReadingRow(Base):
+    """One stored reading. Exactly one of value_num / value_bool / value_str is set."""
+
+    __tablename__ = "readings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    component: Mapped[str | None] = mapped_column(String(128))
+    sensor: Mapped[str] = mapped_column(String(128))
+    value_num: Mapped[float | None] = mapped_column(Float)
+    value_bool: Mapped[bool | None] = mapped_column(Boolean)
+    value_str: Mapped[str | None] = mapped_column(Text)
+    unit: Mapped[str | None] = mapped_column(String(32))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_readings_device_ts", "device_id", "ts"),
+        Index("ix_readings_device_sensor_ts", "device_id", "sensor", "ts"),
+        Index("ix_readings_ts", "ts"),
+    )
+
+
+class HealthRow(Base):
+    __tablename__ = "health"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    uptime_s: Mapped[float] = mapped_column(Float)
+    free_heap_bytes: Mapped[int] = mapped_column(BigInteger)
+    rssi_dbm: Mapped[float] = mapped_column(Float)
+    connection_type: Mapped[str] = mapped_column(String(32))
+    readings_sent: Mapped[int] = mapped_column(BigInteger)
+    readings_dropped: Mapped[int] = mapped_column(BigInteger)
+    battery_pct: Mapped[float | None] = mapped_column(Float)
+    extra: Mapped[str | None] = mapped_column(Text)  # JSON object of the keys beyond the contract
+
+    __table_args__ = (
+        Index("ix_health_device_ts", "device_id", "ts"),
+        Index("ix_health_ts", "ts"),
+    )
+
+
+class HealthLatestRow(Base):
+    """The newest health report per device, for quick reads."""
+
+    __tablename__ = "health_latest"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    uptime_s: Mapped[float] = mapped_column(Float)
+    free_heap_bytes: Mapped[int] = mapped_column(BigInteger)
+    rssi_dbm: Mapped[float] = mapped_column(Float)
+    connection_type: Mapped[str] = mapped_column(String(32))
+    readings_sent: Mapped[int] = mapped_column(BigInteger)
+    readings_dropped: Mapped[int] = mapped_column(BigInteger)
+    battery_pct: Mapped[float | None] = mapped_column(Float)
+    extra: Mapped[str | None] = mapped_column(Text)
+
+
+class ComponentRow(Base):
+    __tablename__ = "components"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    profile: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SensorRow(Base):
+    """A typed data channel of a device; component "" when the sensor belongs to none."""
+
+    __tablename__ = "sensors"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    component: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value_type: Mapped[str] = mapped_column(String(16))
+    unit: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_sensors_value_type", "value_type"),)

@@ -1,0 +1,294 @@
+"""Ingest: device data from accepted PUBLISHes into the database, acknowledged after commit.
+
+Receives, from the gatekeeper, each PUBLISH a device may make (topic, payload, QoS);
+parses it once (`gateway.core.payloads`), rejects bad input with an error to the
+device and an ``ingest_rejected`` event (the device stays connected), and queues the
+rest. One writer task commits the queue in batches (group commit: up to
+``max_batch_rows`` rows or ``max_batch_delay_ms``) and then resolves each message's
+future, which is what releases its PUBACK. The queue is bounded: when it is full,
+QoS 1 submitters wait (the broker stops reading their sockets) and QoS 0 messages are
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.config import IngestSettings
+from gateway.core import payloads
+from gateway.core.clock import utcnow
+from gateway.errors import InvalidValue, StoreUnavailable
+from gateway.events import Events
+from gateway.logs import get_logger
+from gateway.store.data import NO_COMPONENT, DeviceData, IngestBatch, dumps_extra
+
+log = get_logger("gateway.ingest")
+
+Parsed = list[payloads.Reading] | payloads.Health | payloads.DeviceInfo | list[payloads.Component]
+
+
+@dataclass(slots=True)
+class _Item:
+    device_id: str
+    channel: payloads.Channel
+    value: Parsed
+    received_at: datetime
+    stored: asyncio.Future[None] | None
+    rows: int
+
+
+@dataclass
+class IngestStats:
+    accepted: int = 0
+    stored_rows: int = 0
+    rejected: int = 0
+    dropped_qos0: int = 0
+    dropped_unknown_device: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    rejected_by_code: dict[str, int] = field(default_factory=dict)
+
+
+class Ingest:
+    def __init__(
+        self,
+        data: DeviceData,
+        events: Events,
+        settings: IngestSettings,
+        last_seen: Callable[[], Iterable[tuple[str, float]]],
+    ) -> None:
+        self._data = data
+        self._events = events
+        self._settings = settings
+        self._last_seen = last_seen
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=settings.queue_size)
+        self._known_sensors: set[tuple[str, str, str]] = set()
+        self._seen_flushed: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stats = IngestStats()
+
+    async def start(self) -> None:
+        self._known_sensors = await self._data.known_sensors()
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="ingest-writer"),
+            asyncio.create_task(self._flush_last_seen_periodically(), name="ingest-last-seen"),
+        ]
+
+    async def stop(self) -> None:
+        """Commit what is queued (bounded wait), then stop the tasks."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_last_seen()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    # --- submission (called by the broker for each accepted PUBLISH) --------------------
+
+    async def submit(
+        self, device_id: str, topic: str, payload: bytes, qos: int
+    ) -> asyncio.Future[None] | None:
+        """Parse and queue one message; the returned future resolves when it is committed."""
+        received_at = utcnow()
+        try:
+            channel, value = self._parse(topic, payload, received_at)
+        except InvalidValue as exc:
+            await self._reject(device_id, topic, exc)
+            return None
+        rows = len(value) if isinstance(value, list) else 1
+        item = _Item(device_id, channel, value, received_at, None, rows)
+        self.stats.accepted += 1
+        if qos == 0:
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                self.stats.dropped_qos0 += 1
+                if self.stats.dropped_qos0 % 1000 == 1:
+                    log.warning("ingest.qos0_dropped", device_id=device_id, dropped=self.stats.dropped_qos0)
+            return None
+        if self._settings.ack_after_commit:
+            item.stored = asyncio.get_running_loop().create_future()
+        await self._queue.put(item)  # waits while the queue is full: back-pressure
+        return item.stored
+
+    def _parse(self, topic: str, payload: bytes, received_at: datetime) -> tuple[payloads.Channel, Parsed]:
+        channel = payloads.channel_of(topic.split("/"))
+        if channel is None:
+            raise InvalidValue(f"unknown channel in {topic!r}", code="unknown_channel")
+        if len(payload) > self._settings.max_payload_bytes:
+            raise InvalidValue(
+                f"payload of {len(payload)} bytes exceeds {self._settings.max_payload_bytes}",
+                code="payload_too_large",
+            )
+        return channel, payloads.parse(channel, payload, received_at=received_at)
+
+    async def _reject(self, device_id: str, topic: str, exc: InvalidValue) -> None:
+        self.stats.rejected += 1
+        self.stats.rejected_by_code[exc.code] = self.stats.rejected_by_code.get(exc.code, 0) + 1
+        log.info("ingest.rejected", device_id=device_id, topic=topic, code=exc.code, reason=exc.message)
+        await self._events.device_error(device_id, topic=topic, code=exc.code, message=exc.message)
+        await self._events.emit(
+            "ingest_rejected", device_id=device_id, topic=topic, code=exc.code, message=exc.message
+        )
+
+    # --- the writer ---------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self._settings.max_batch_delay_ms / 1000
+        while True:
+            items = [await self._queue.get()]
+            rows = items[0].rows
+            deadline = loop.time() + delay
+            while rows < self._settings.max_batch_rows:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                items.append(item)
+                rows += item.rows
+            try:
+                await self._commit(items)
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+
+    async def _commit(self, items: list[_Item]) -> None:
+        batch, new_sensors = self._batch(items)
+        try:
+            result = await self._data.write_batch(batch)
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.exception("ingest.batch_failed", messages=len(items))
+            error = StoreUnavailable(f"batch not stored: {type(exc).__name__}")
+            for item in items:
+                if item.stored is not None and not item.stored.done():
+                    item.stored.set_exception(error)
+                    item.stored.exception()  # retrieved here; the session closes on it
+            return
+        self._known_sensors |= new_sensors
+        self.stats.batches += 1
+        self.stats.stored_rows += result.stored
+        self.stats.dropped_unknown_device += result.dropped_unknown_device
+        for item in items:
+            if item.stored is not None and not item.stored.done():
+                item.stored.set_result(None)
+
+    def _batch(self, items: list[_Item]) -> tuple[IngestBatch, set[tuple[str, str, str]]]:
+        """Rows for one transaction, plus the sensors it introduces."""
+        batch = IngestBatch()
+        new_sensors: set[tuple[str, str, str]] = set()
+        for item in items:
+            device_id, at, value = item.device_id, item.received_at, item.value
+            if isinstance(value, payloads.Health):
+                batch.health.append(_health_row(device_id, value, at))
+            elif isinstance(value, payloads.DeviceInfo):
+                batch.info.setdefault(device_id, {}).update(value.fields)
+            elif item.channel is payloads.Channel.COMPONENTS:
+                for component in (c for c in value if isinstance(c, payloads.Component)):
+                    batch.components.append(
+                        {
+                            "device_id": device_id,
+                            "id": component.id,
+                            "profile": component.profile,
+                            "created_at": at,
+                            "updated_at": at,
+                        }
+                    )
+                    for spec in component.sensors:
+                        batch.announced_sensors.append(
+                            {
+                                "device_id": device_id,
+                                "component": component.id,
+                                "name": spec.name,
+                                "value_type": spec.value_type,
+                                "unit": spec.unit,
+                                "created_at": at,
+                                "updated_at": at,
+                            }
+                        )
+                        new_sensors.add((device_id, component.id, spec.name))
+            else:
+                for reading in (r for r in value if isinstance(r, payloads.Reading)):
+                    batch.readings.append(_reading_row(device_id, reading, at))
+                    key = (device_id, reading.component or NO_COMPONENT, reading.sensor)
+                    if key not in self._known_sensors and key not in new_sensors:
+                        new_sensors.add(key)
+                        batch.sensors.append(
+                            {
+                                "device_id": device_id,
+                                "component": key[1],
+                                "name": reading.sensor,
+                                "value_type": reading.value_type,
+                                "unit": reading.unit,
+                                "created_at": at,
+                                "updated_at": at,
+                            }
+                        )
+                batch.last_data[device_id] = at
+        return batch, new_sensors
+
+    # --- last_seen_at, batched -------------------------------------------------------------
+
+    async def _flush_last_seen_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.last_seen_flush_s)
+            try:
+                await self._flush_last_seen()
+            except Exception:
+                log.exception("ingest.last_seen_flush_failed")
+
+    async def _flush_last_seen(self) -> None:
+        updates: dict[str, datetime] = {}
+        for device_id, at in self._last_seen():
+            if at > self._seen_flushed.get(device_id, 0.0):
+                updates[device_id] = datetime.fromtimestamp(at, UTC)
+                self._seen_flushed[device_id] = at
+        if updates:
+            await self._data.write_batch(IngestBatch(last_seen=updates))
+
+
+def _reading_row(device_id: str, reading: payloads.Reading, received_at: datetime) -> dict[str, Any]:
+    value = reading.value
+    return {
+        "device_id": device_id,
+        "component": reading.component,
+        "sensor": reading.sensor,
+        "value_num": float(value) if reading.value_type == "number" else None,
+        "value_bool": value if reading.value_type == "boolean" else None,
+        "value_str": value if reading.value_type == "string" else None,
+        "unit": reading.unit,
+        "ts": reading.ts,
+        "received_at": received_at,
+    }
+
+
+def _health_row(device_id: str, report: payloads.Health, received_at: datetime) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "ts": report.ts,
+        "received_at": received_at,
+        "uptime_s": report.uptime_s,
+        "free_heap_bytes": report.free_heap_bytes,
+        "rssi_dbm": report.rssi_dbm,
+        "connection_type": report.connection_type,
+        "readings_sent": report.readings_sent,
+        "readings_dropped": report.readings_dropped,
+        "battery_pct": report.battery_pct,
+        "extra": dumps_extra(report.extra),
+    }
