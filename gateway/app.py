@@ -3,8 +3,9 @@
 Receives `Settings`; hands on a running gateway (MQTT listener + HTTPS API in one
 event loop) until asked to stop. Start order: PKI and database (``init``), MQTT
 engine, presence recovery (devices left ONLINE -> ``gateway_restart``), CRL from the
-registry, listener, API. Stop order: stop accepting, close every session with
-``gateway_shutdown`` (DB first, then retained status), then the engine and database.
+registry, listener, API. Stop order: stop accepting, close every device session with
+``gateway_shutdown`` (DB first, then retained status), then, once those statuses were
+delivered, the operators' sessions, then the engine and database.
 """
 
 from __future__ import annotations
@@ -189,10 +190,18 @@ class GatewayApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.listener.stop_accepting()
-        await self.api.stop()
-        closed = await self.engine.kick_all(OfflineReason.GATEWAY_SHUTDOWN)
+        # The API stops taking requests at once; its idle keep-alive clients get up to
+        # API_SHUTDOWN_GRACE_S while the sessions close, never delaying the OFFLINE statuses.
+        api_stopped = asyncio.create_task(self.api.stop(), name="api-stop")
+        # Devices first, operators last: a live `gateway tail` sees every device go OFFLINE.
+        closed = await self.engine.kick_all(
+            OfflineReason.GATEWAY_SHUTDOWN, which=lambda live: live.device_id is not None
+        )
         await self.ingest.stop()  # commits what was queued before the sessions closed
         swept = await self.presence.sweep(OfflineReason.GATEWAY_SHUTDOWN)
+        await self.engine.drain(timeout_s=2.0)
+        closed += await self.engine.kick_all(OfflineReason.GATEWAY_SHUTDOWN)
+        await api_stopped
         await self.listener.wait_connections_closed(grace_s=5)
         await self.engine.stop()
         await self.store.close()

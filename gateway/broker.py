@@ -681,12 +681,32 @@ class MqttEngine:
                 await asyncio.wait_for(live.ended.wait(), wait_s)
         return True
 
-    async def kick_all(self, reason: OfflineReason, *, wait_s: float = 5.0) -> int:
-        keys = [
-            key for key, (session, _) in self._broker.sessions.items() if session.transitions.is_connected()
-        ]
+    async def kick_all(
+        self,
+        reason: OfflineReason,
+        *,
+        which: Callable[[LiveSession], bool] = lambda _: True,
+        wait_s: float = 5.0,
+    ) -> int:
+        """Close every live session `which` selects, concurrently; the number closed."""
+        keys = [live.key for live in self.live_sessions() if which(live)]
         results = await asyncio.gather(*(self.kick(key, reason, wait_s=wait_s) for key in keys))
         return sum(results)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every queued publication was handed to its subscribers.
+
+        Used at shutdown between closing the devices and closing the operators, so that
+        operators receive the devices' final OFFLINE statuses. True when drained.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        broker = self._broker
+        while not broker._broadcast_queue.empty() or any(not t.done() for t in broker._tasks_queue):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         """Publish as the gateway itself (status, events); retained if asked."""

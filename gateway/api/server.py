@@ -14,6 +14,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+API_SHUTDOWN_GRACE_S = 2
+
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
@@ -33,6 +35,9 @@ class ApiServer:
             access_log=False,
             lifespan="off",
             server_header=False,
+            # An idle keep-alive client (an SDK, a dashboard) must not hold shutdown, and
+            # with it every device's OFFLINE status, for asyncio's 30 s TLS close wait.
+            timeout_graceful_shutdown=API_SHUTDOWN_GRACE_S,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -420,11 +420,6 @@ def test_walk_through_from_a_fresh_directory(tmp_path: Path, processes: Processe
     stop_gateway(again)
 
 
-@pytest.mark.xfail(
-    reason="GatewayApp.stop closes operator sessions together with device sessions (MqttEngine.kick_all), "
-    "so a live `gateway tail` never receives the gateway_shutdown statuses",
-    strict=False,
-)
 def test_live_tail_sees_devices_go_offline_at_shutdown(tmp_path: Path, processes: Processes) -> None:
     """A `gateway tail` running through a SIGTERM prints the connected device OFFLINE (gateway_shutdown)."""
     gw = start_gateway(processes, tmp_path)
