@@ -114,3 +114,23 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     """--config pointing nowhere says so."""
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_the_example_config_documents_every_key_with_its_default() -> None:
+    """config/gateway.example.toml names every setting (optional ones commented out) with its default."""
+    import re
+    import tomllib
+
+    from gateway.config import Settings
+
+    example = Path(__file__).parents[2] / "config" / "gateway.example.toml"
+    text = re.sub(r"(?m)^# (\w+ = )", r"\1", example.read_text(encoding="utf-8"))  # optional keys
+    documented = tomllib.loads(text)
+    defaults = Settings().model_dump(mode="json")
+    assert set(documented) == set(defaults), "sections"
+    for section, values in defaults.items():
+        assert set(documented[section]) == set(values), f"keys of [{section}]"
+        for key, default in values.items():
+            if default is None or section == "paths":  # optional, or resolved against the cwd
+                continue
+            assert documented[section][key] == default, f"{section}.{key}"
