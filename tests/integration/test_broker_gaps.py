@@ -1,7 +1,7 @@
 """One regression test per amqtt 0.12.1 gap the broker adapter closes (AMQTT-NOTES.md).
 
 Each test drives the real gateway over loopback mutual TLS with raw or real clients;
-if an amqtt upgrade or a change in `gateway/broker.py` reopens a gap, its test fails.
+if an amqtt upgrade or a change in `gateway/broker/` reopens a gap, its test fails.
 """
 
 from __future__ import annotations
