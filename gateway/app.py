@@ -118,7 +118,7 @@ class GatewayApp:
             self.engine,
             self.events,
             token_ttl=timedelta(hours=self.settings.provisioning.token_ttl_hours),
-            device_validity=timedelta(days=self.settings.ca.device_validity_days),
+            device_validity=self.settings.ca.device_validity,
             crl_next_update=timedelta(days=self.settings.ca.crl_next_update_days),
         )
         await self.ingest.start()

@@ -9,6 +9,7 @@ reads the same settings, so a CLI started beside a running gateway finds it.
 from __future__ import annotations
 
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,12 +57,26 @@ class ServerSettings(_Section):
 
 class CaSettings(_Section):
     device_validity_days: int = Field(default=365, ge=1, le=3650)
+    device_validity_hours: float = Field(default=0, ge=0, le=24 * 3650)  # > 0: short-lived, overrides days
     operator_validity_days: int = Field(default=365, ge=1, le=3650)
     crl_next_update_days: int = Field(default=7, ge=1, le=365)
+    renew_when_remaining: float = Field(default=0.2, gt=0, lt=1)  # share of validity left: hint renewal
+    expiry_warning_days: int = Field(default=30, ge=1, le=3650)  # certificate_expiring event horizon
+
+    @property
+    def device_validity(self) -> timedelta:
+        if self.device_validity_hours > 0:
+            return timedelta(hours=self.device_validity_hours)
+        return timedelta(days=self.device_validity_days)
 
 
 class ProvisioningSettings(_Section):
     token_ttl_hours: float = Field(default=72.0, gt=0)
+    # The MQTT provisioning listener: server-authenticated TLS, no client certificate.
+    mqtt_enabled: bool = False
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8884, ge=0, le=65535)
+    mqtt_attempts_per_minute: int = Field(default=10, ge=1)  # per source address
 
 
 class IngestSettings(_Section):
