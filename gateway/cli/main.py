@@ -1,4 +1,5 @@
-"""Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``."""
+"""Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``,
+``readings``, ``health``, ``simulate``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import typer
 import gateway
 from gateway import logs
 from gateway.app import initialise, serve
-from gateway.cli import devices, operators, tail
+from gateway.cli import data, devices, operators, simulate, tail
 from gateway.cli.common import State, fails_cleanly, print_json, settings_from
 
 app = typer.Typer(
@@ -117,6 +118,9 @@ def serve_command(ctx: typer.Context) -> None:
 app.add_typer(devices.app, name="devices")
 app.add_typer(operators.app, name="operators")
 app.command("tail")(tail.tail)
+app.command("readings")(data.readings)
+app.command("health")(data.health)
+app.command("simulate")(simulate.simulate)
 
 
 def main() -> None:
