@@ -67,13 +67,11 @@ class Ingest:
         self._settings = settings
         self._last_seen = last_seen
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=settings.queue_size)
-        self._known_sensors: set[tuple[str, str, str]] = set()
         self._seen_flushed: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = IngestStats()
 
     async def start(self) -> None:
-        self._known_sensors = await self._data.known_sensors()
         self._tasks = [
             asyncio.create_task(self._writer(), name="ingest-writer"),
             asyncio.create_task(self._flush_last_seen_periodically(), name="ingest-last-seen"),
@@ -169,7 +167,7 @@ class Ingest:
                     self._queue.task_done()
 
     async def _commit(self, items: list[_Item]) -> None:
-        batch, new_sensors = self._batch(items)
+        batch = self._batch(items)
         try:
             result = await self._data.write_batch(batch)
         except Exception as exc:
@@ -181,7 +179,6 @@ class Ingest:
                     item.stored.set_exception(error)
                     item.stored.exception()  # retrieved here; the session closes on it
             return
-        self._known_sensors |= new_sensors
         self.stats.batches += 1
         self.stats.stored_rows += result.stored
         self.stats.dropped_unknown_device += result.dropped_unknown_device
@@ -189,10 +186,10 @@ class Ingest:
             if item.stored is not None and not item.stored.done():
                 item.stored.set_result(None)
 
-    def _batch(self, items: list[_Item]) -> tuple[IngestBatch, set[tuple[str, str, str]]]:
-        """Rows for one transaction, plus the sensors it introduces."""
+    def _batch(self, items: list[_Item]) -> IngestBatch:
+        """Rows for one transaction; each sensor the readings name once (the store adds missing ones)."""
         batch = IngestBatch()
-        new_sensors: set[tuple[str, str, str]] = set()
+        sensors: set[tuple[str, str, str]] = set()
         for item in items:
             device_id, at, value = item.device_id, item.received_at, item.value
             if isinstance(value, payloads.Health):
@@ -222,13 +219,12 @@ class Ingest:
                                 "updated_at": at,
                             }
                         )
-                        new_sensors.add((device_id, component.id, spec.name))
             else:
                 for reading in (r for r in value if isinstance(r, payloads.Reading)):
                     batch.readings.append(_reading_row(device_id, reading, at))
                     key = (device_id, reading.component or NO_COMPONENT, reading.sensor)
-                    if key not in self._known_sensors and key not in new_sensors:
-                        new_sensors.add(key)
+                    if key not in sensors:
+                        sensors.add(key)
                         batch.sensors.append(
                             {
                                 "device_id": device_id,
@@ -241,7 +237,7 @@ class Ingest:
                             }
                         )
                 batch.last_data[device_id] = at
-        return batch, new_sensors
+        return batch
 
     # --- last_seen_at, batched -------------------------------------------------------------
 

@@ -61,7 +61,7 @@ class IngestBatch:
     health: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, dict[str, str]] = field(default_factory=dict)  # device id -> identification fields
     components: list[dict[str, Any]] = field(default_factory=list)
-    sensors: list[dict[str, Any]] = field(default_factory=list)  # first seen in readings: kept if known
+    sensors: list[dict[str, Any]] = field(default_factory=list)  # named by readings: added if missing
     announced_sensors: list[dict[str, Any]] = field(default_factory=list)  # from announcements: updated
     last_data: dict[str, datetime] = field(default_factory=dict)  # device id -> newest reading receipt
     last_seen: dict[str, datetime] = field(default_factory=dict)
@@ -88,6 +88,10 @@ class DeviceData:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        # Sensors known to exist, so that readings of them cost no upsert: device id ->
+        # (the device's created_at, {(component, name)}). The creation time tells a device
+        # deleted and registered again under the same id (its sensors went with it).
+        self._sensors_seen: dict[str, tuple[datetime, set[tuple[str, str]]]] = {}
 
     def _upsert(self, table: Table) -> Any:
         return (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(table)
@@ -97,14 +101,20 @@ class DeviceData:
     async def write_batch(self, batch: IngestBatch) -> BatchResult:
         async with self.engine.begin() as conn:
             wanted = batch.device_ids()
-            known = (
-                set((await conn.execute(select(devices.c.id).where(devices.c.id.in_(wanted)))).scalars())
+            known: dict[str, datetime] = (
+                {
+                    row.id: row.created_at
+                    for row in await conn.execute(
+                        select(devices.c.id, devices.c.created_at).where(devices.c.id.in_(wanted))
+                    )
+                }
                 if wanted
-                else set()
+                else {}
             )
-            dropped = _drop_unknown(batch, known)
-            if batch.sensors:
-                await conn.execute(self._upsert(sensors).on_conflict_do_nothing(), batch.sensors)
+            dropped = _drop_unknown(batch, set(known))
+            missing = [row for row in batch.sensors if not self._sensor_seen(known, row)]
+            if missing:
+                await conn.execute(self._upsert(sensors).on_conflict_do_nothing(), missing)
             for row in batch.components:
                 stmt = self._upsert(components).values(**row)
                 await conn.execute(
@@ -140,7 +150,24 @@ class DeviceData:
                         .values({column: bindparam("at", type_=UTCDateTime())}),
                         [{"did": device_id, "at": at} for device_id, at in values.items()],
                     )
+        for row in (*batch.sensors, *batch.announced_sensors):  # committed: they exist now
+            self._remember_sensor(known, row)
         return BatchResult(stored=len(batch.readings) + len(batch.health), dropped_unknown_device=dropped)
+
+    def _sensor_seen(self, known: dict[str, datetime], row: dict[str, Any]) -> bool:
+        entry = self._sensors_seen.get(row["device_id"])
+        return (
+            entry is not None
+            and entry[0] == known[row["device_id"]]
+            and (row["component"], row["name"]) in entry[1]
+        )
+
+    def _remember_sensor(self, known: dict[str, datetime], row: dict[str, Any]) -> None:
+        created_at = known[row["device_id"]]
+        entry = self._sensors_seen.get(row["device_id"])
+        if entry is None or entry[0] != created_at:
+            entry = self._sensors_seen[row["device_id"]] = (created_at, set())
+        entry[1].add((row["component"], row["name"]))
 
     async def _latest_health(self, conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
         newest: dict[str, dict[str, Any]] = {}
@@ -271,12 +298,6 @@ class DeviceData:
             )
             for r in rows
         ]
-
-    async def known_sensors(self) -> set[tuple[str, str, str]]:
-        """(device, component, name) of every sensor, to seed the writer's cache."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(sensors.c.device_id, sensors.c.component, sensors.c.name))
-            return {(r.device_id, r.component, r.name) for r in rows}
 
     # --- retention --------------------------------------------------------------------
 
