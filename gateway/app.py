@@ -3,7 +3,8 @@
 Receives `Settings`; hands on a running gateway (MQTT listener + HTTPS API in one
 event loop) until asked to stop. Start order: PKI and database (``init``), MQTT
 engine, presence recovery (devices left ONLINE -> ``gateway_restart``), CRL from the
-registry, listener, API. Stop order: stop accepting, close every device session with
+registry, listener, provisioning listener (when enabled), API. Stop order: stop
+accepting (a provisioning answer in progress may finish), close every device session with
 ``gateway_shutdown`` (DB first, then retained status), then, once those statuses were
 delivered, the operators' sessions, then the engine and database.
 """
@@ -32,6 +33,7 @@ from gateway.logs import get_logger
 from gateway.pki import Pki, PkiPaths, TlsContexts
 from gateway.pki import initialise as initialise_pki
 from gateway.presence import PresenceService
+from gateway.provisioning import ProvisioningListener
 from gateway.retention import Retention
 from gateway.sessions import Gatekeeper
 from gateway.store import Store
@@ -103,6 +105,7 @@ class GatewayApp:
         self.data = DeviceData(self.store.engine)
         self.ingest = Ingest(self.data, self.events, settings.ingest, last_seen=self._last_seen)
         self.retention = Retention(self.data, settings.retention)
+        self.provisioning: ProvisioningListener | None = None  # only when provisioning.mqtt_enabled
         self.gatekeeper = Gatekeeper(self.store, self.presence, self.events, self.ingest)
         self._background: list[asyncio.Task[None]] = []
         self._started = False
@@ -127,6 +130,15 @@ class GatewayApp:
         await self.devices.refresh_crl()
         self.listener = MqttListener(self.engine, self.tls, self.settings.mqtt)
         await self.listener.start()
+        if self.settings.provisioning.mqtt_enabled:
+            self.provisioning = ProvisioningListener(
+                self.devices,
+                self.events,
+                self.pki.provisioning_context(),
+                self.settings.provisioning,
+                self.settings.mqtt,
+            )
+            await self.provisioning.start()
         api = create_app(
             ApiContext(
                 devices=self.devices,
@@ -168,6 +180,10 @@ class GatewayApp:
         return self.listener.port
 
     @property
+    def provisioning_port(self) -> int | None:
+        return None if self.provisioning is None else self.provisioning.port
+
+    @property
     def api_port(self) -> int:
         return self.api.port
 
@@ -190,6 +206,8 @@ class GatewayApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.listener.stop_accepting()
+        if self.provisioning is not None:
+            await self.provisioning.stop()
         # The API stops taking requests at once; its idle keep-alive clients get up to
         # API_SHUTDOWN_GRACE_S while the sessions close, never delaying the OFFLINE statuses.
         api_stopped = asyncio.create_task(self.api.stop(), name="api-stop")

@@ -74,7 +74,7 @@ class MqttListener:
                 )
             except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 self.tls_failures += 1
-                log.info("tls.handshake_failed", peer=peer[0], port=peer[1], reason=_tls_reason(exc))
+                log.info("tls.handshake_failed", peer=peer[0], port=peer[1], reason=tls_reason(exc))
                 writer.transport.abort()
                 return
             await self._engine.serve_connection(reader, writer)
@@ -91,7 +91,7 @@ class MqttListener:
                     raw.abort()
 
 
-def _tls_reason(exc: BaseException) -> str:
+def tls_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate_rejected: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):

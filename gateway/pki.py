@@ -1,9 +1,10 @@
 """The gateway's PKI on disk, and the TLS contexts built from it.
 
 Receives the certs directory and the configured server hostnames; hands on the CA
-(`ca.Authority`), freshly issued certificate records, the current CRL, and the mTLS
-`ssl.SSLContext` the MQTT listener uses. `initialise` never overwrites a CA; it
-reissues the server certificate only when the configured hostnames changed.
+(`ca.Authority`), freshly issued certificate records, the current CRL, the mTLS
+`ssl.SSLContext` the MQTT listener uses, and the server-only one of the provisioning
+listener. `initialise` never overwrites a CA; it reissues the server certificate
+only when the configured hostnames changed.
 
 The listener asks `TlsContexts.current` for every new connection, so a revocation
 takes effect at the next handshake by swapping in a context built with the new CRL.
@@ -187,6 +188,15 @@ class Pki:
         # cadata takes certificates only; a file may also carry CRLs.
         ctx.load_verify_locations(cafile=self.paths.crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        return ctx
+
+    def provisioning_context(self) -> ssl.SSLContext:
+        """Server-authenticated TLS for the MQTT provisioning listener: no client certificate asked."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(self.paths.server_cert, self.paths.server_key)
         ctx.options |= ssl.OP_NO_RENEGOTIATION
         return ctx
 

@@ -24,7 +24,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
-from gateway.broker.handler import ConnectRefused, Handler, WriterAdapter, encode_frame, read_frame
+from gateway.broker.handler import ConnectRefused, Handler, WriterAdapter, read_frame
 from gateway.broker.session import LiveSession, Peer, SessionHooks
 from gateway.config import MqttSettings
 from gateway.core import topics, wire
@@ -102,7 +102,7 @@ class _Broker(Broker):
 
         # amqtt answers protocol-level problems itself (CONNACK 1 for MQTT 5, ...).
         handler, incoming = await Handler.init_from_connect(
-            BufferReader(encode_frame(wire.CONNECT, flags, body)), writer, self.plugins_manager
+            BufferReader(wire.encode_frame(wire.CONNECT, flags, body)), writer, self.plugins_manager
         )
         peer = Peer(remote_address, remote_port, writer.peer_certificate, tag)
         claims = ConnectClaims(fields.client_id, fields.clean_session, fields.will_topic)

@@ -83,29 +83,13 @@ async def read_frame(reader: StreamReaderAdapter, max_bytes: int) -> tuple[int, 
         first = (await reader.read(1))[0]
     except (asyncio.IncompleteReadError, IndexError):
         return None
-    length, multiplier = 0, 1
-    for _ in range(4):
-        byte = (await reader.read(1))[0]
-        length += (byte & 0x7F) * multiplier
-        if not byte & 0x80:
-            break
-        multiplier *= 128
-    else:
-        raise wire.violation("remaining length longer than 4 bytes")
-    if length > max_bytes:
-        raise wire.violation(f"packet of {length} bytes exceeds the {max_bytes}-byte limit")
+    encoded = b""
+    while (decoded := wire.decode_remaining_length(encoded)) is None:
+        encoded += await reader.read(1)
+    length = decoded[0]
+    wire.check_size(length, max_bytes)
     body = await reader.read(length) if length else b""
     return first >> 4, first & 0x0F, body
-
-
-def encode_frame(packet_type: int, flags: int, body: bytes) -> bytes:
-    header = bytearray([(packet_type << 4) | flags])
-    length = len(body)
-    while True:
-        byte, length = length % 128, length // 128
-        header.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(header) + body
 
 
 class Handler(BrokerProtocolHandler):

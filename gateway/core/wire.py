@@ -5,7 +5,8 @@ already enforced the size limit); hands on nothing, or raises `ProtocolViolation
 A violation closes the connection, as Mosquitto does. This closes amqtt's laxness
 (AMQTT-NOTES gap 11): invalid UTF-8 or NUL in topics and client ids, SUBSCRIBE with
 QoS 3, wrong fixed-header flags, SUBSCRIBE/UNSUBSCRIBE without filters, packets only
-a server may send, a second CONNECT.
+a server may send, a second CONNECT. The framing rules the shells share (Remaining
+Length, size limit, encoding a packet) live here too, so every listener frames alike.
 """
 
 from __future__ import annotations
@@ -53,6 +54,43 @@ _FIXED_BODY = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNE
 
 def violation(message: str) -> ProtocolViolation:
     return ProtocolViolation(message, code="protocol_violation")
+
+
+MAX_LENGTH_BYTES = 4  # the Remaining Length takes at most four bytes (MQTT 2.2.3)
+
+
+def decode_remaining_length(encoded: bytes) -> tuple[int, int] | None:
+    """The Remaining Length at the start of `encoded` and the bytes it took; None while more are needed.
+
+    Framing shells read the fixed header byte by byte and ask this after each byte, so
+    the rule lives here once. More than four bytes is a violation.
+    """
+    length, multiplier = 0, 1
+    for used, byte in enumerate(encoded[:MAX_LENGTH_BYTES], start=1):
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return length, used
+        multiplier *= 128
+    if len(encoded) >= MAX_LENGTH_BYTES:
+        raise violation("remaining length longer than 4 bytes")
+    return None
+
+
+def check_size(length: int, max_bytes: int) -> None:
+    """Refuse a packet whose body is larger than the configured limit, before reading it."""
+    if length > max_bytes:
+        raise violation(f"packet of {length} bytes exceeds the {max_bytes}-byte limit")
+
+
+def encode_frame(packet_type: int, flags: int, body: bytes) -> bytes:
+    """A packet on the wire: fixed header (type, flags, Remaining Length), then `body`."""
+    header = bytearray([(packet_type << 4) | flags])
+    length = len(body)
+    while True:
+        byte, length = length % 128, length // 128
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(header) + body
 
 
 class _Cursor:
@@ -208,18 +246,28 @@ def _check_publish(flags: int, body: bytes) -> None:
     parse_publish(flags, body)
 
 
-def _check_subscribe(body: bytes) -> None:
+def parse_subscribe(body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """Check and split a SUBSCRIBE body: packet id and (topic filter, requested QoS) pairs."""
     cur = _Cursor(body)
-    if cur.u16("packet id") == 0:
+    packet_id = cur.u16("packet id")
+    if packet_id == 0:
         raise violation("SUBSCRIBE with packet id 0")
     if not cur.remaining():
         raise violation("SUBSCRIBE without topic filters")  # MQTT-3.8.3-3
+    filters = []
     while cur.remaining():
-        if not cur.text("topic filter"):
+        topic_filter = cur.text("topic filter")
+        if not topic_filter:
             raise violation("empty topic filter")  # MQTT-4.7.3-1
         options = cur.u8("requested QoS")
         if options & 0xFC or options == 3:
             raise violation("SUBSCRIBE requested QoS must be 0, 1 or 2")  # MQTT-3-8.3-4
+        filters.append((topic_filter, options))
+    return packet_id, filters
+
+
+def _check_subscribe(body: bytes) -> None:
+    parse_subscribe(body)
 
 
 def _check_unsubscribe(body: bytes) -> None:

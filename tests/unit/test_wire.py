@@ -148,3 +148,70 @@ def test_any_connect_is_parsed_or_a_violation(flags: int, body: bytes) -> None:
     except ProtocolViolation:
         return
     assert isinstance(fields.client_id, str)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        (b"\x00", (0, 1)),
+        (b"\x7f", (127, 1)),
+        (b"\x80\x01", (128, 2)),
+        (b"\xff\x7f", (16_383, 2)),
+        (b"\xff\xff\xff\x7f", (268_435_455, 4)),
+        (b"\x05rest-of-packet", (5, 1)),
+    ],
+)
+def test_the_remaining_length_is_decoded(encoded: bytes, expected: tuple[int, int]) -> None:
+    """The examples of MQTT 3.1.1 section 2.2.3 decode to their length and size."""
+    assert wire.decode_remaining_length(encoded) == expected
+
+
+@pytest.mark.parametrize("encoded", [b"", b"\x80", b"\xff\xff", b"\xff\xff\xff"])
+def test_an_unfinished_remaining_length_asks_for_more(encoded: bytes) -> None:
+    """While every byte so far carries the continuation bit (up to three), the answer is None."""
+    assert wire.decode_remaining_length(encoded) is None
+
+
+def test_a_remaining_length_past_four_bytes_is_a_violation() -> None:
+    """A fourth byte with the continuation bit set breaks the four-byte limit."""
+    with pytest.raises(ProtocolViolation, match="longer than 4 bytes"):
+        wire.decode_remaining_length(b"\xff\xff\xff\xff")
+
+
+def test_a_packet_over_the_size_limit_is_a_violation() -> None:
+    """The size check refuses a body one byte over the limit and accepts one at it."""
+    wire.check_size(1024, 1024)
+    with pytest.raises(ProtocolViolation, match="exceeds the 1024-byte limit"):
+        wire.check_size(1025, 1024)
+
+
+@given(st.integers(0, 15), st.integers(0, 15), st.binary(max_size=300))
+def test_an_encoded_frame_decodes_to_itself(packet_type: int, flags: int, body: bytes) -> None:
+    """Property: the header encode_frame writes decodes to the body's length, byte by byte."""
+    frame = wire.encode_frame(packet_type, flags, body)
+    assert frame[0] == (packet_type << 4) | flags
+    encoded = b""
+    for byte in frame[1:]:
+        encoded += bytes([byte])
+        if (decoded := wire.decode_remaining_length(encoded)) is not None:
+            break
+    assert decoded == (len(body), len(encoded))
+    assert frame[1 + len(encoded) :] == body
+
+
+@given(st.binary(max_size=8))
+def test_any_length_prefix_is_decoded_or_a_violation(encoded: bytes) -> None:
+    """Property: arbitrary bytes give a length, None or ProtocolViolation, nothing else."""
+    try:
+        decoded = wire.decode_remaining_length(encoded)
+    except ProtocolViolation:
+        return
+    if decoded is not None:
+        assert 0 <= decoded[0] <= 268_435_455
+        assert 1 <= decoded[1] <= 4
+
+
+def test_a_subscribe_is_split_into_filters() -> None:
+    """parse_subscribe hands on the packet id and each filter with its requested QoS."""
+    body = struct.pack("!H", 7) + s(b"a/+") + b"\x01" + s(b"b/#") + b"\x00"
+    assert wire.parse_subscribe(body) == (7, [("a/+", 1), ("b/#", 0)])
