@@ -8,7 +8,8 @@ Errors (see `ca.errors`)::
 
     CAError
     ├── InvalidSubject
-    └── CSRRejected (code: malformed | bad_signature | weak_key | unsupported_key | too_large)
+    ├── CSRRejected (code: malformed | bad_signature | weak_key | unsupported_key | too_large)
+    └── CertificateRejected (an external certificate that cannot identify a device)
 """
 
 from ca.authority import (
@@ -21,7 +22,7 @@ from ca.authority import (
     issue_server_certificate,
     validate_subject_id,
 )
-from ca.errors import CAError, CSRRejected, InvalidSubject
+from ca.errors import CAError, CertificateRejected, CSRRejected, InvalidSubject
 from ca.keys import (
     VettedCSR,
     certificate_pem,
@@ -33,6 +34,7 @@ from ca.keys import (
     make_csr,
     private_key_pem,
     serial_hex,
+    vet_client_certificate,
     vet_csr,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "Authority",
     "CAError",
     "CSRRejected",
+    "CertificateRejected",
     "InvalidSubject",
     "RevokedEntry",
     "VettedCSR",
@@ -58,5 +61,6 @@ __all__ = [
     "private_key_pem",
     "serial_hex",
     "validate_subject_id",
+    "vet_client_certificate",
     "vet_csr",
 ]

@@ -8,15 +8,18 @@ CSR's subject and extensions are deliberately ignored: the gateway decides ident
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ca.errors import CAError, CSRRejected
+from ca.errors import CAError, CertificateRejected, CSRRejected
 
 MAX_CSR_BYTES = 16 * 1024
 ALLOWED_CURVES = {"secp256r1", "secp384r1"}
@@ -117,3 +120,44 @@ def load_certificate(data: bytes) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise CAError("not a PEM certificate") from exc
+
+
+def vet_client_certificate(
+    data: bytes, anchors: Sequence[x509.Certificate], *, now: datetime
+) -> x509.Certificate:
+    """Check a certificate from an external CA before it may identify a device.
+
+    It must parse, be an end-entity certificate usable for TLS client authentication,
+    be valid at `now`, carry an allowed key, and be signed directly by one of `anchors`.
+    """
+    try:
+        pem = b"-----BEGIN" in data
+        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise CertificateRejected("malformed", "not a parseable X.509 certificate") from exc
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise CertificateRejected("not_a_client_certificate", "a CA certificate cannot identify a device")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise CertificateRejected(
+                "not_a_client_certificate", "the certificate's extended key usage lacks clientAuth"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CertificateRejected("not_valid_now", "the certificate is expired or not yet valid")
+    try:
+        check_key_policy(cert.public_key())
+    except CSRRejected as exc:
+        raise CertificateRejected(exc.code, str(exc)) from exc
+    for anchor in anchors:
+        try:
+            cert.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature):
+            continue
+        return cert
+    raise CertificateRejected("untrusted_issuer", "the certificate is not issued by a configured external CA")

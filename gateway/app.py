@@ -25,6 +25,7 @@ from gateway.config import Settings
 from gateway.core import tokens
 from gateway.core.clock import utcnow
 from gateway.core.presence import OfflineReason
+from gateway.credentials import CertificateLifecycle, Revocations
 from gateway.devices import DeviceService
 from gateway.events import Events
 from gateway.ingest import Ingest
@@ -42,6 +43,7 @@ from gateway.store.data import DeviceData
 log = get_logger("gateway.app")
 
 CRL_REFRESH_INTERVAL_S = 6 * 3600
+EXPIRY_CHECK_INTERVAL_S = 24 * 3600
 
 
 @dataclass
@@ -106,28 +108,34 @@ class GatewayApp:
         self.ingest = Ingest(self.data, self.events, settings.ingest, last_seen=self._last_seen)
         self.retention = Retention(self.data, settings.retention)
         self.provisioning: ProvisioningListener | None = None  # only when provisioning.mqtt_enabled
-        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events, self.ingest)
         self._background: list[asyncio.Task[None]] = []
         self._started = False
 
     async def start(self) -> None:
         self.init_report = await initialise(self.settings)
-        self.pki = Pki.load(PkiPaths(self.settings.paths.certs_dir))
+        ca_settings = self.settings.ca
+        self.pki = Pki.load(PkiPaths(self.settings.paths.certs_dir), ca_settings.external_anchors)
         self.tls = TlsContexts(self.pki)
+        self.revocations = Revocations(
+            self.store.credentials, self.pki, self.tls, timedelta(days=ca_settings.crl_next_update_days)
+        )
+        self.certificates = CertificateLifecycle(
+            self.store.credentials, self.pki, self.revocations, self.events, ca_settings
+        )
         self.devices = DeviceService(
             self.store,
             self.pki,
-            self.tls,
+            self.revocations,
             self.engine,
             self.events,
             token_ttl=timedelta(hours=self.settings.provisioning.token_ttl_hours),
-            device_validity=self.settings.ca.device_validity,
-            crl_next_update=timedelta(days=self.settings.ca.crl_next_update_days),
+            device_validity=ca_settings.device_validity,
         )
+        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events, self.ingest, self.certificates)
         await self.ingest.start()
         await self.engine.start(self.gatekeeper)
         recovered = await self.presence.recover()
-        await self.devices.refresh_crl()
+        await self.revocations.refresh()
         self.listener = MqttListener(self.engine, self.tls, self.settings.mqtt)
         await self.listener.start()
         if self.settings.provisioning.mqtt_enabled:
@@ -158,6 +166,7 @@ class GatewayApp:
         await self.api.start()
         self._background = [
             asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh"),
+            asyncio.create_task(self._announce_expiring_daily(), name="certificate-expiry"),
             asyncio.create_task(self.retention.run(), name="retention"),
         ]
         self._started = True
@@ -192,9 +201,18 @@ class GatewayApp:
         while True:
             await asyncio.sleep(CRL_REFRESH_INTERVAL_S)
             try:
-                await self.devices.refresh_crl()
+                await self.revocations.refresh()
             except Exception:
                 log.exception("pki.crl_refresh_failed")
+
+    async def _announce_expiring_daily(self) -> None:
+        """certificate_expiring events and renewal hints for live sessions, at start and then daily."""
+        while True:
+            try:
+                await self.certificates.announce_expiring(self.engine.live_sessions())
+            except Exception:
+                log.exception("certificate.expiry_check_failed")
+            await asyncio.sleep(EXPIRY_CHECK_INTERVAL_S)
 
     async def stop(self) -> None:
         if not self._started:

@@ -55,13 +55,22 @@ class ServerSettings(_Section):
     hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"], min_length=1)
 
 
+class ExternalAnchor(_Section):
+    """A CA the operator brings: its certificates may be attached to devices one by one."""
+
+    cert: Path  # the external CA's certificate (PEM)
+    crl: Path  # its current CRL (PEM), reread at every CRL refresh; required, checked at TLS
+
+
 class CaSettings(_Section):
     device_validity_days: int = Field(default=365, ge=1, le=3650)
     device_validity_hours: float = Field(default=0, ge=0, le=24 * 3650)  # > 0: short-lived, overrides days
     operator_validity_days: int = Field(default=365, ge=1, le=3650)
     crl_next_update_days: int = Field(default=7, ge=1, le=365)
     renew_when_remaining: float = Field(default=0.2, gt=0, lt=1)  # share of validity left: hint renewal
+    renew_min_interval_s: float = Field(default=60, ge=0)  # between two certificates of one device
     expiry_warning_days: int = Field(default=30, ge=1, le=3650)  # certificate_expiring event horizon
+    external_anchors: list[ExternalAnchor] = Field(default_factory=list)
 
     @property
     def device_validity(self) -> timedelta:

@@ -1,10 +1,11 @@
-"""Operator actions on devices: register, provision, rename, status, block, revoke, delete.
+"""Operator actions on devices: register, provision, reset, rename, status, block, revoke,
+delete, attach an external certificate.
 
 Receives validated requests from the API; hands on registry changes (store), new
-certificates and CRLs (PKI), a fresh TLS context after every revocation, kicks of
-live sessions, and ``gateway/events/device`` events. Access is withdrawn in the
-database first, then the live session is cut, so a reconnect racing the kick is
-refused too.
+certificates (PKI), a re-signed CRL and fresh TLS context after every revocation
+(`Revocations`), kicks of live sessions, and ``gateway/events/device`` events.
+Access is withdrawn in the database first, then the live session is cut, so a
+reconnect racing the kick is refused too.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
 from gateway.core.presence import OfflineReason
 from gateway.core.records import DeviceQuery, DeviceRecord
-from gateway.errors import InvalidValue, ProvisioningRefused
+from gateway.credentials import Revocations
+from gateway.errors import Conflict, InvalidValue, ProvisioningRefused
 from gateway.events import Events
 from gateway.logs import get_logger
-from gateway.pki import Pki, TlsContexts
+from gateway.pki import Pki
 from gateway.store import Store
 
 log = get_logger("gateway.devices")
@@ -66,22 +68,21 @@ class DeviceService:
         self,
         store: Store,
         pki: Pki,
-        tls: TlsContexts,
+        revocations: Revocations,
         sessions: SessionControl,
         events: Events,
         *,
         token_ttl: timedelta,
         device_validity: timedelta,
-        crl_next_update: timedelta,
     ) -> None:
         self._store = store
+        self._credentials = store.credentials
         self._pki = pki
-        self._tls = tls
+        self._revocations = revocations
         self._sessions = sessions
         self._events = events
         self._token_ttl = token_ttl
         self._device_validity = device_validity
-        self._crl_next_update = crl_next_update
 
     # --- registration and provisioning ---------------------------------------------
 
@@ -97,7 +98,7 @@ class DeviceService:
     async def _new_token(self, device: DeviceRecord, now: datetime) -> Registration:
         token = tokens.new_token(tokens.REGISTRATION_PREFIX)
         expires_at = now + self._token_ttl
-        await self._store.add_registration_token(device.id, tokens.hash_token(token), now, expires_at)
+        await self._credentials.add_registration_token(device.id, tokens.hash_token(token), now, expires_at)
         return Registration(device, token, expires_at)
 
     async def provision(self, token: str, csr: str | bytes) -> Provisioned:
@@ -109,22 +110,72 @@ class DeviceService:
         except ca.CSRRejected as exc:
             raise ProvisioningRefused(f"CSR rejected: {exc}", code=f"csr_{exc.code}") from exc
         now = utcnow()
-        device, cert = await self._store.provision(
+        enrolled = await self._credentials.provision(
             tokens.hash_token(token),
             now,
-            lambda device: self._pki.issue(
+            lambda device_id: self._pki.issue(
                 vetted.public_key,
-                subject=device.id,
+                subject=device_id,
                 kind=CertificateKind.DEVICE,
                 now=now,
                 validity=self._device_validity,
             ),
         )
-        log.info("device.provisioned", device_id=device.id, serial=cert.serial, key=vetted.key_description)
+        device_id, cert = enrolled.device_id, enrolled.certificate
+        log.info("device.provisioned", device_id=device_id, serial=cert.serial, key=vetted.key_description)
+        if enrolled.superseded:  # a credential reset that did not revoke at once does so now
+            await self._revocations.refresh()
+            await self._kick(device_id, OfflineReason.REVOKED)
         await self._events.emit(
-            "device", action="provisioned", device_id=device.id, certificate_serial=cert.serial
+            "device",
+            action="provisioned",
+            device_id=device_id,
+            certificate_serial=cert.serial,
+            superseded_serials=enrolled.superseded,
         )
-        return Provisioned(device.id, cert.pem, self._pki.ca_pem.decode("ascii"), cert.serial, cert.not_after)
+        return Provisioned(device_id, cert.pem, self._pki.ca_pem.decode("ascii"), cert.serial, cert.not_after)
+
+    async def reset_credentials(self, device_id: str, *, revoke_existing: bool) -> Registration:
+        """A fresh one-time registration token for an existing device.
+
+        With `revoke_existing` every certificate is revoked and the session cut at once;
+        otherwise they stay valid until the device enrols with the new token.
+        """
+        device = await self._store.get_device(device_id)
+        if device.status is DeviceStatus.REVOKED:
+            raise Conflict(f"device {device_id} is revoked; register a new device", code="device_revoked")
+        serials: list[str] = []
+        if revoke_existing:
+            serials = await self._revoke_certificates(device_id)
+            await self._kick(device_id, OfflineReason.REVOKED)
+        registration = await self._new_token(device, utcnow())
+        log.info("device.credentials_reset", device_id=device_id, revoked=serials)
+        await self._events.emit(
+            "device",
+            action="credentials_reset",
+            device_id=device_id,
+            revoke_existing=revoke_existing,
+            certificate_serials=serials,
+        )
+        return registration
+
+    async def attach_certificate(self, device_id: str, pem: bytes, *, now: datetime | None = None) -> str:
+        """Bind a certificate from an external trust anchor to a device (by its fingerprint)."""
+        now = now or utcnow()
+        device = await self._store.get_device(device_id)
+        if device.status is DeviceStatus.REVOKED:
+            raise Conflict(f"device {device_id} is revoked", code="device_revoked")
+        cert = self._pki.external_certificate(pem, subject=device_id, now=now)
+        await self._credentials.add_certificate(cert, now)
+        log.info("device.certificate_attached", device_id=device_id, serial=cert.serial)
+        await self._events.emit(
+            "device",
+            action="certificate_attached",
+            device_id=device_id,
+            certificate_serial=cert.serial,
+            fingerprint=cert.fingerprint_sha256,
+        )
+        return cert.serial
 
     # --- queries ------------------------------------------------------------------
 
@@ -205,18 +256,10 @@ class DeviceService:
 
     async def _revoke_certificates(self, device_id: str) -> list[str]:
         now = utcnow()
-        serials = await self._store.revoke_certificates(CertificateKind.DEVICE, device_id, now)
+        serials = await self._credentials.revoke_certificates(CertificateKind.DEVICE, device_id, now)
         if serials:
-            await self.refresh_crl()
+            await self._revocations.refresh()
         return serials
-
-    async def refresh_crl(self) -> bytes:
-        """Re-sign the CRL from the registry and swap the listener's TLS context."""
-        revoked = await self._store.revoked_certificates()
-        pem = self._pki.write_crl(revoked, utcnow(), self._crl_next_update)
-        self._tls.reload()
-        log.info("pki.crl_updated", entries=len(revoked))
-        return pem
 
     async def _kick(self, device_id: str, reason: OfflineReason) -> None:
         started = utcnow()

@@ -49,6 +49,19 @@ class Events:
     def forget_status(self, device_id: str) -> None:
         self._publisher.clear_retained(topics.status_topic(device_id))
 
+    async def publish(self, topic: str, body: dict[str, Any], *, retain: bool = False) -> None:
+        """A JSON message from the gateway on one of its own topics (QoS 1)."""
+        try:
+            await self._publisher.publish(
+                topic, json.dumps(body, separators=(",", ":")).encode(), retain=retain
+            )
+        except Exception:
+            log.exception("publish_failed", topic=topic)
+
+    def forget(self, topic: str) -> None:
+        """Drop the retained message on `topic`, if any."""
+        self._publisher.clear_retained(topic)
+
     async def device_error(self, device_id: str, **fields: Any) -> None:
         body = {"ts": iso(utcnow()), **fields}
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,10 +26,11 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 import ca
 from ca import files as ca_files
+from gateway.config import ExternalAnchor
 from gateway.core.admission import CertificateKind
-from gateway.errors import ConfigError
+from gateway.core.records import NewCertificate
+from gateway.errors import ConfigError, InvalidValue
 from gateway.logs import get_logger
-from gateway.store.store import NewCertificate
 
 log = get_logger("gateway.pki")
 
@@ -121,6 +122,24 @@ def initialise(paths: PkiPaths, hostnames: list[str], now: datetime, crl_next_up
     return created
 
 
+def _load_anchor(anchor: ExternalAnchor) -> x509.Certificate:
+    """An external CA certificate, checked to be a CA and to come with a readable CRL."""
+    try:
+        cert = ca.load_certificate(anchor.cert.read_bytes())
+        crl = x509.load_pem_x509_crl(anchor.crl.read_bytes())
+    except (OSError, ValueError, ca.CAError) as exc:
+        raise ConfigError(f"external CA {anchor.cert} / CRL {anchor.crl} unreadable: {exc}") from exc
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ConfigError(f"external anchor {anchor.cert} is not a CA certificate")
+    if crl.issuer != cert.subject or not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+        raise ConfigError(f"CRL {anchor.crl} is not signed by the external CA {anchor.cert}")
+    return cert
+
+
 def crl_number(now: datetime) -> int:
     """Monotonic across restarts and instances without shared state: milliseconds since the epoch."""
     return int(now.timestamp() * 1000)
@@ -129,13 +148,40 @@ def crl_number(now: datetime) -> int:
 class Pki:
     """The loaded CA: issues certificates and CRLs, builds TLS contexts."""
 
-    def __init__(self, paths: PkiPaths, authority: ca.Authority) -> None:
+    def __init__(
+        self, paths: PkiPaths, authority: ca.Authority, anchors: Sequence[ExternalAnchor] = ()
+    ) -> None:
         self.paths = paths
         self.authority = authority
+        self.anchors = tuple(anchors)
+        self._anchor_certs = [_load_anchor(anchor) for anchor in self.anchors]
 
     @classmethod
-    def load(cls, paths: PkiPaths) -> Pki:
-        return cls(paths, ca_files.load_authority(paths.ca_cert, paths.ca_key))
+    def load(cls, paths: PkiPaths, anchors: Sequence[ExternalAnchor] = ()) -> Pki:
+        return cls(paths, ca_files.load_authority(paths.ca_cert, paths.ca_key), anchors)
+
+    def external_certificate(self, data: bytes, *, subject: str, now: datetime) -> NewCertificate:
+        """A certificate of an external anchor, vetted, as a record for `subject` (a device)."""
+        if not self._anchor_certs:
+            raise InvalidValue(
+                "no external CA is configured (ca.external_anchors); certificates of the gateway's "
+                "own CA are enrolled with a registration token instead",
+                code="no_external_ca",
+            )
+        try:
+            cert = ca.vet_client_certificate(data, self._anchor_certs, now=now)
+        except ca.CertificateRejected as exc:
+            raise InvalidValue(f"certificate rejected: {exc}", code=f"certificate_{exc.code}") from exc
+        return NewCertificate(
+            serial=ca.serial_hex(cert.serial_number),
+            fingerprint_sha256=ca.fingerprint_sha256(cert),
+            kind=CertificateKind.DEVICE,
+            subject=subject,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            pem=ca.certificate_pem(cert).decode("ascii"),
+            source="attached",
+        )
 
     @property
     def ca_pem(self) -> bytes:
@@ -187,6 +233,9 @@ class Pki:
         ctx.load_verify_locations(cadata=self.ca_pem.decode("ascii"))
         # cadata takes certificates only; a file may also carry CRLs.
         ctx.load_verify_locations(cafile=self.paths.crl)
+        for anchor in self.anchors:  # CRL checking needs a CRL for every issuer
+            ctx.load_verify_locations(cafile=anchor.cert)
+            ctx.load_verify_locations(cafile=anchor.crl)
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
         ctx.options |= ssl.OP_NO_RENEGOTIATION
         return ctx

@@ -4,7 +4,8 @@ Receives, from the broker adapter, each CONNECT (peer certificate and claims), e
 session start and end, and each PUBLISH that passed or failed the ACL; hands on an
 admission decision (`gateway.core.admission.decide` over the registry's records),
 presence changes, refusal logs, ``gateway/events/connect_failed`` events, and the
-devices' data to ingest (whose future releases the PUBLISH's acknowledgement).
+devices' data to ingest (whose future releases the PUBLISH's acknowledgement), and
+certificate renewals and first uses to the certificate lifecycle.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import asyncio
 
 from gateway.broker import LiveSession, Peer
+from gateway.core import topics
 from gateway.core.admission import Admitted, ConnectClaims, Decision, Refusal, Refused, decide
 from gateway.core.clock import utcnow
 from gateway.core.ids import Fingerprint
 from gateway.core.presence import OfflineReason
+from gateway.credentials import CertificateLifecycle
 from gateway.events import Events
 from gateway.ingest import Ingest
 from gateway.logs import get_logger
@@ -28,11 +31,19 @@ log = get_logger("gateway.sessions")
 class Gatekeeper:
     """Implements `gateway.broker.SessionHooks`."""
 
-    def __init__(self, store: Store, presence: PresenceService, events: Events, ingest: Ingest) -> None:
+    def __init__(
+        self,
+        store: Store,
+        presence: PresenceService,
+        events: Events,
+        ingest: Ingest,
+        certificates: CertificateLifecycle,
+    ) -> None:
         self._store = store
         self._presence = presence
         self._events = events
         self._ingest = ingest
+        self._certificates = certificates
         self.denied_publishes = 0
         self.accepted_publishes = 0
 
@@ -41,7 +52,7 @@ class Gatekeeper:
         if fingerprint is None:
             decision: Decision = Refused(Refusal.NO_CERTIFICATE)
         else:
-            certificate, device = await self._store.find_identity(fingerprint)
+            certificate, device = await self._store.credentials.find_identity(fingerprint)
             decision = decide(claims, certificate, device, now=utcnow(), connection_tag=peer.connection_tag)
         if isinstance(decision, Admitted):
             log.info(
@@ -73,6 +84,7 @@ class Gatekeeper:
 
     async def session_started(self, session: LiveSession) -> None:
         await self._presence.online(session)
+        await self._certificates.session_started(session)
 
     async def session_ended(self, session: LiveSession, reason: OfflineReason) -> None:
         log.info(
@@ -84,9 +96,13 @@ class Gatekeeper:
         self, session: LiveSession, topic: str, payload: bytes, qos: int
     ) -> asyncio.Future[None] | None:
         self.accepted_publishes += 1
-        if session.device_id is None:  # operators publish nothing (the ACL said so already)
+        device_id = session.device_id
+        if device_id is None:  # operators publish nothing (the ACL said so already)
             return None
-        return await self._ingest.submit(session.device_id, topic, payload, qos)
+        if topic == topics.certificate_topic(device_id, "renew"):
+            await self._certificates.renew(session, payload)
+            return None
+        return await self._ingest.submit(device_id, topic, payload, qos)
 
     async def message_denied(self, session: LiveSession, topic: str) -> None:
         self.denied_publishes += 1

@@ -53,7 +53,7 @@ async def issue_operator(settings: Settings, name: str, out: Path) -> IssuedOper
     store = Store(settings.database_url, busy_timeout_s=settings.database.busy_timeout_s)
     try:
         await store.create_schema()
-        await store.add_certificate(cert, now)
+        await store.credentials.add_certificate(cert, now)
     finally:
         await store.close()
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a few small files; nothing else waits on this loop

@@ -76,6 +76,7 @@ class CertificateIdentity:
     not_before: datetime
     not_after: datetime
     revoked_at: datetime | None = None
+    first_used_at: datetime | None = None  # None until its first admitted session
 
 
 @dataclass(frozen=True, slots=True)

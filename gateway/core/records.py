@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.core.admission import CertificateKind
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 
@@ -58,6 +59,30 @@ class CertificateRecord:
     not_after: datetime
     created_at: datetime
     revoked_at: datetime | None
+    renews: str | None = None  # serial of the certificate this one replaces (renewal)
+    first_used_at: datetime | None = None
+    source: str = "issued"  # issued (by our CA) | attached (from an external CA)
+
+
+@dataclass(frozen=True, slots=True)
+class NewCertificate:
+    """What the CA produced (or an operator attached) for a subject, ready to be recorded."""
+
+    serial: str
+    fingerprint_sha256: str
+    kind: CertificateKind
+    subject: str
+    not_before: datetime
+    not_after: datetime
+    pem: str
+    source: str = "issued"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiringCertificate:
+    device_id: str
+    serial: str
+    not_after: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +104,7 @@ class DeviceQuery:
     blocked: str = "all"  # all | hide | only
     status: DeviceStatus | None = None
     connection: Connection | None = None
+    cert_expires_before: datetime | None = None  # newest valid certificate ends by then
     sort: tuple[str, ...] = ("created_at",)  # field names, "-" prefix for descending
     limit: int = 100
     offset: int = 0

@@ -8,8 +8,9 @@ decides who may publish, subscribe or receive where.
 Grants (DESIGN.md §7):
 
 - a device publishes under ``devices/{own id}/...`` except its gateway-owned
-  channels ``errors`` and ``commands/...``; it subscribes only to its own
-  ``errors`` and ``commands/#`` (or narrower filters inside them);
+  channels ``errors``, ``commands/...`` and ``certificate/...`` (where it may
+  publish only ``certificate/renew``); it subscribes only to its own ``errors``,
+  ``commands/#`` and ``certificate/#`` (or narrower filters inside them);
 - an operator subscribes to ``gateway/#`` and ``devices/+/{readings,health,info}``
   (or narrower filters) and publishes nothing.
 
@@ -131,8 +132,10 @@ class OperatorPrincipal:
 
 Principal = DevicePrincipal | OperatorPrincipal
 
-# Channels a device receives from the gateway and may therefore not publish to.
-GATEWAY_OWNED_CHANNELS = frozenset({"errors", "commands"})
+# Channels a device receives from the gateway and may therefore not publish to,
+# except for the requests listed in DEVICE_REQUESTS.
+GATEWAY_OWNED_CHANNELS = frozenset({"errors", "commands", "certificate"})
+DEVICE_REQUESTS = frozenset({("certificate", "renew")})
 OPERATOR_SUBSCRIBE_GRANTS = (
     TopicFilter("gateway/#"),
     TopicFilter("devices/+/readings"),
@@ -145,6 +148,7 @@ def device_subscribe_grants(device_id: DeviceId) -> tuple[TopicFilter, ...]:
     return (
         TopicFilter(f"devices/{device_id}/errors"),
         TopicFilter(f"devices/{device_id}/commands/#"),
+        TopicFilter(f"devices/{device_id}/certificate/#"),
     )
 
 
@@ -153,13 +157,11 @@ def may_publish(principal: Principal, topic: Topic) -> bool:
     if isinstance(principal, OperatorPrincipal):
         return False
     levels = topic.levels
-    return (
-        len(levels) >= 3
-        and levels[0] == "devices"
-        and levels[1] == principal.device_id.value
-        and levels[2] not in GATEWAY_OWNED_CHANNELS
-        and all(levels[2:])
-    )
+    if not (len(levels) >= 3 and levels[0] == "devices" and levels[1] == principal.device_id.value):
+        return False
+    if levels[2] in GATEWAY_OWNED_CHANNELS:
+        return tuple(levels[2:]) in DEVICE_REQUESTS
+    return all(levels[2:])
 
 
 def subscribe_grants(principal: Principal) -> tuple[TopicFilter, ...]:
@@ -202,3 +204,8 @@ def event_topic(kind: str) -> str:
 
 def errors_topic(device_id: DeviceId | str) -> str:
     return f"devices/{device_id}/errors"
+
+
+def certificate_topic(device_id: DeviceId | str, what: str) -> str:
+    """``devices/{id}/certificate/{renew|accepted|rejected|expiring}``."""
+    return f"devices/{device_id}/certificate/{what}"

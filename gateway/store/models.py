@@ -93,8 +93,15 @@ class Certificate(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     pem: Mapped[str] = mapped_column(Text)
+    # Renewal: the serial this certificate replaces; the old one is revoked at first use.
+    renews: Mapped[str | None] = mapped_column(String(64))
+    first_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    source: Mapped[str] = mapped_column(String(16), default="issued", server_default="issued")
 
-    __table_args__ = (Index("ix_certificates_subject", "kind", "subject"),)
+    __table_args__ = (
+        Index("ix_certificates_subject", "kind", "subject"),
+        Index("ix_certificates_not_after", "not_after"),
+    )
 
 
 class RegistrationToken(Base):

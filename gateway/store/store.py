@@ -1,4 +1,7 @@
-"""The registry store: devices, certificates, tokens and presence, over SQLAlchemy async.
+"""The registry store: devices, presence and API tokens, over SQLAlchemy async.
+
+Certificates and registration tokens are in `gateway.store.credentials`
+(``Store.credentials``), device data in `gateway.store.data`.
 
 Receives plain values from the services (ids, hashes, times, statuses already decided
 by the pure core) and hands back frozen records. Each public method is one
@@ -9,48 +12,48 @@ gateway instances sharing one PostgreSQL database.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Row,
+    Table,
+    and_,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection as SyncConnection
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.schema import CreateColumn
 
-from gateway.core.admission import CertificateIdentity, CertificateKind, DeviceState
-from gateway.core.ids import DeviceId, Fingerprint
+from gateway.core.admission import CertificateKind
+from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection, OfflineReason, StatusChange
 from gateway.core.records import (
     ApiTokenRecord,
-    CertificateRecord,
     CertificateSummary,
     DeviceQuery,
     DeviceRecord,
 )
-from gateway.errors import Conflict, NotFound, ProvisioningRefused, StoreUnavailable
-from gateway.store.models import ApiToken, Base, Certificate, Device, RegistrationToken
+from gateway.errors import Conflict, NotFound, StoreUnavailable
+from gateway.store.credentials import CredentialStore, latest_valid_not_after
+from gateway.store.models import ApiToken, Base, Certificate, Device
 
 devices = cast(Table, Device.__table__)
 certificates = cast(Table, Certificate.__table__)
-registration_tokens = cast(Table, RegistrationToken.__table__)
 api_tokens = cast(Table, ApiToken.__table__)
-
-
-@dataclass(frozen=True, slots=True)
-class NewCertificate:
-    """What the CA produced for a subject, ready to be recorded."""
-
-    serial: str
-    fingerprint_sha256: str
-    kind: CertificateKind
-    subject: str
-    not_before: datetime
-    not_after: datetime
-    pem: str
 
 
 def _escape_like(text: str) -> str:
@@ -65,6 +68,7 @@ class Store:
         self.is_sqlite = url.startswith("sqlite")
         connect_args: dict[str, Any] = {"timeout": busy_timeout_s} if self.is_sqlite else {}
         self.engine: AsyncEngine = create_async_engine(url, connect_args=connect_args)
+        self.credentials = CredentialStore(self.engine)
         if self.is_sqlite:
             sync = sqlite_synchronous
 
@@ -77,8 +81,10 @@ class Store:
                 cursor.close()
 
     async def create_schema(self) -> None:
+        """Create missing tables and indexes, and add columns newer releases introduced."""
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -165,6 +171,13 @@ class Store:
             conditions.append(devices.c.status == query.status.value)
         if query.connection is not None:
             conditions.append(devices.c.connection == query.connection.value)
+        if query.cert_expires_before is not None:
+            newest = latest_valid_not_after().subquery()
+            conditions.append(
+                devices.c.id.in_(
+                    select(newest.c.subject).where(newest.c.not_after <= query.cert_expires_before)
+                )
+            )
         where = and_(True, *conditions)
         order = []
         for key in query.sort:
@@ -216,158 +229,6 @@ class Store:
             result = await conn.execute(delete(devices).where(devices.c.id == device_id))
             if result.rowcount == 0:
                 raise NotFound(f"device {device_id} not found", code="device_not_found")
-
-    # --- registration tokens and provisioning ---------------------------------------
-
-    async def add_registration_token(
-        self, device_id: str, token_hash: str, now: datetime, expires_at: datetime
-    ) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(registration_tokens).values(
-                    token_hash=token_hash, device_id=device_id, created_at=now, expires_at=expires_at
-                )
-            )
-
-    async def provision(
-        self,
-        token_hash: str,
-        now: datetime,
-        issue: Callable[[DeviceRecord], NewCertificate],
-    ) -> tuple[DeviceRecord, NewCertificate]:
-        """Redeem a token and record the certificate `issue` makes, atomically.
-
-        The token is consumed only if the certificate is recorded; a token is
-        redeemed at most once even under concurrent requests.
-        """
-        async with self.engine.begin() as conn:
-            token = (
-                await conn.execute(
-                    select(registration_tokens).where(registration_tokens.c.token_hash == token_hash)
-                )
-            ).one_or_none()
-            if token is None:
-                raise ProvisioningRefused("registration token is not valid", code="token_invalid")
-            if token.used_at is not None:
-                raise ProvisioningRefused("registration token was already used", code="token_used")
-            if token.expires_at <= now:
-                raise ProvisioningRefused("registration token has expired", code="token_expired")
-            claimed = await conn.execute(
-                update(registration_tokens)
-                .where(
-                    registration_tokens.c.token_hash == token_hash, registration_tokens.c.used_at.is_(None)
-                )
-                .values(used_at=now)
-            )
-            if claimed.rowcount != 1:
-                raise ProvisioningRefused("registration token was already used", code="token_used")
-            device = await self._device(conn, token.device_id)
-            if device.status is DeviceStatus.REVOKED:
-                raise ProvisioningRefused(f"device {device.id} is revoked", code="device_revoked")
-            cert = issue(device)
-            await conn.execute(
-                insert(certificates).values(created_at=now, revoked_at=None, **_cert_values(cert))
-            )
-            return await self._device(conn, device.id), cert
-
-    # --- certificates -----------------------------------------------------------------
-
-    async def add_certificate(self, cert: NewCertificate, now: datetime) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(certificates).values(created_at=now, revoked_at=None, **_cert_values(cert))
-            )
-
-    async def find_identity(
-        self, fingerprint: Fingerprint
-    ) -> tuple[CertificateIdentity | None, DeviceState | None]:
-        """The certificate with this fingerprint and, for a device certificate, its device."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        certificates,
-                        devices.c.id.label("device_id"),
-                        devices.c.status.label("device_status"),
-                        devices.c.blocked.label("device_blocked"),
-                    )
-                    .select_from(
-                        certificates.outerjoin(
-                            devices,
-                            and_(
-                                certificates.c.kind == CertificateKind.DEVICE.value,
-                                devices.c.id == certificates.c.subject,
-                            ),
-                        )
-                    )
-                    .where(certificates.c.fingerprint_sha256 == fingerprint.value)
-                )
-            ).one_or_none()
-        if row is None:
-            return None, None
-        identity = CertificateIdentity(
-            fingerprint=fingerprint,
-            serial=row.serial,
-            kind=CertificateKind(row.kind),
-            subject=row.subject,
-            not_before=row.not_before,
-            not_after=row.not_after,
-            revoked_at=row.revoked_at,
-        )
-        device = None
-        if row.device_id is not None:
-            device = DeviceState(
-                DeviceId(row.device_id), DeviceStatus(row.device_status), bool(row.device_blocked)
-            )
-        return identity, device
-
-    async def revoke_certificates(self, kind: CertificateKind, subject: str, now: datetime) -> list[str]:
-        """Mark every unrevoked certificate of a subject revoked; returns their serials."""
-        async with self.engine.begin() as conn:
-            match = and_(
-                certificates.c.kind == kind.value,
-                certificates.c.subject == subject,
-                certificates.c.revoked_at.is_(None),
-            )
-            serials = list((await conn.execute(select(certificates.c.serial).where(match))).scalars())
-            if serials:
-                await conn.execute(update(certificates).where(match).values(revoked_at=now))
-        return serials
-
-    async def revoked_certificates(self) -> list[tuple[str, datetime]]:
-        """(serial, revoked at) of every revoked certificate, expired ones included.
-
-        Expired entries stay listed so that relying parties that ignore validity
-        still refuse them; it costs a few bytes per entry.
-        """
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(certificates.c.serial, certificates.c.revoked_at)
-                .where(certificates.c.revoked_at.is_not(None))
-                .order_by(certificates.c.revoked_at)
-            )
-            return [(row.serial, row.revoked_at) for row in rows]
-
-    async def certificates_of(self, kind: CertificateKind, subject: str) -> list[CertificateRecord]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(certificates)
-                .where(certificates.c.kind == kind.value, certificates.c.subject == subject)
-                .order_by(certificates.c.created_at)
-            )
-            return [
-                CertificateRecord(
-                    r.serial,
-                    r.fingerprint_sha256,
-                    r.kind,
-                    r.subject,
-                    r.not_before,
-                    r.not_after,
-                    r.created_at,
-                    r.revoked_at,
-                )
-                for r in rows
-            ]
 
     # --- presence ---------------------------------------------------------------------
 
@@ -538,18 +399,6 @@ class Store:
             return int((await conn.execute(select(func.count()).select_from(api_tokens))).scalar_one())
 
 
-def _cert_values(cert: NewCertificate) -> dict[str, Any]:
-    return {
-        "serial": cert.serial,
-        "fingerprint_sha256": cert.fingerprint_sha256,
-        "kind": cert.kind.value,
-        "subject": cert.subject,
-        "not_before": cert.not_before,
-        "not_after": cert.not_after,
-        "pem": cert.pem,
-    }
-
-
 def _device_record(row: Row[Any], cert: CertificateSummary | None) -> DeviceRecord:
     return DeviceRecord(
         id=row.id,
@@ -589,3 +438,23 @@ def _token_record(row: Row[Any]) -> ApiTokenRecord:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
     )
+
+
+def _add_missing_columns(conn: SyncConnection) -> None:
+    """Additive schema upgrade: columns a newer release added to an existing table.
+
+    Only nullable columns or columns with a server default are ever added, so
+    existing rows stay valid; anything else needs a real migration.
+    """
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable and column.server_default is None:
+                raise StoreUnavailable(
+                    f"table {table.name} lacks column {column.name}, which cannot be added in place"
+                )
+            ddl = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))

@@ -74,6 +74,10 @@ def test_device_publishes_only_under_its_own_prefix() -> None:
     assert not topics.check(DEV, Action.PUBLISH, "devices/dev-2/readings")
     assert not topics.check(DEV, Action.PUBLISH, "devices/dev-1/errors")
     assert not topics.check(DEV, Action.PUBLISH, "devices/dev-1/commands/reboot")
+    for answer in ("accepted", "rejected", "expiring", "renew/x"):
+        assert not topics.check(DEV, Action.PUBLISH, f"devices/dev-1/certificate/{answer}"), answer
+    assert not topics.check(DEV, Action.PUBLISH, "devices/dev-1/certificate")
+    assert not topics.check(DEV, Action.PUBLISH, "devices/dev-2/certificate/renew")
     assert not topics.check(DEV, Action.PUBLISH, "devices/dev-1")
     assert not topics.check(DEV, Action.PUBLISH, "devices/dev-1/")
     assert not topics.check(DEV, Action.PUBLISH, "gateway/status/dev-1")
@@ -81,13 +85,16 @@ def test_device_publishes_only_under_its_own_prefix() -> None:
     assert not topics.check(DEV, Action.PUBLISH, "devices/+/readings")
 
 
-def test_device_subscribes_only_to_its_errors_and_commands() -> None:
-    """A device may subscribe to its own errors and commands/#, or narrower."""
+def test_device_subscribes_only_to_its_errors_commands_and_certificate() -> None:
+    """A device may subscribe to its own errors, commands/# and certificate/#, or narrower."""
     for ok in (
         "devices/dev-1/errors",
         "devices/dev-1/commands/#",
         "devices/dev-1/commands/+",
         "devices/dev-1/commands/reboot",
+        "devices/dev-1/certificate/#",
+        "devices/dev-1/certificate/accepted",
+        "devices/dev-1/certificate/+",
     ):
         assert topics.check(DEV, Action.SUBSCRIBE, ok), ok
     for bad in (
@@ -95,6 +102,8 @@ def test_device_subscribes_only_to_its_errors_and_commands() -> None:
         "devices/+/errors",
         "#",
         "devices/dev-2/errors",
+        "devices/dev-2/certificate/#",
+        "devices/+/certificate/accepted",
         "gateway/#",
         "devices/dev-1/readings",
         "devices/dev-1/+",
@@ -111,6 +120,7 @@ def test_operator_reads_status_events_and_device_data_only() -> None:
     assert not topics.check(OPS, Action.SUBSCRIBE, "devices/#")
     assert not topics.check(OPS, Action.SUBSCRIBE, "#")
     assert not topics.check(OPS, Action.RECEIVE, "devices/dev-1/errors")
+    assert not topics.check(OPS, Action.RECEIVE, "devices/dev-1/certificate/accepted")
     assert not topics.check(OPS, Action.PUBLISH, "gateway/status/dev-1")
 
 
