@@ -21,7 +21,7 @@ from gateway.core.clock import utcnow
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
 from gateway.core.presence import OfflineReason
-from gateway.core.records import DeviceQuery, DeviceRecord
+from gateway.core.records import CertificateRecord, DeviceQuery, DeviceRecord
 from gateway.credentials import Revocations
 from gateway.errors import Conflict, InvalidValue, ProvisioningRefused
 from gateway.events import Events
@@ -159,7 +159,13 @@ class DeviceService:
         )
         return registration
 
-    async def attach_certificate(self, device_id: str, pem: bytes, *, now: datetime | None = None) -> str:
+    async def certificates(self, device_id: str) -> list[CertificateRecord]:
+        await self._store.get_device(device_id)
+        return await self._credentials.certificates_of(CertificateKind.DEVICE, device_id)
+
+    async def attach_certificate(
+        self, device_id: str, pem: bytes, *, now: datetime | None = None
+    ) -> CertificateRecord:
         """Bind a certificate from an external trust anchor to a device (by its fingerprint)."""
         now = now or utcnow()
         device = await self._store.get_device(device_id)
@@ -175,7 +181,7 @@ class DeviceService:
             certificate_serial=cert.serial,
             fingerprint=cert.fingerprint_sha256,
         )
-        return cert.serial
+        return await self._credentials.certificate(cert.serial)
 
     # --- queries ------------------------------------------------------------------
 

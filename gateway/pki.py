@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 import ca
@@ -223,6 +224,9 @@ class Pki:
 
     def crl_pem(self) -> bytes:
         return self.paths.crl.read_bytes()
+
+    def crl_der(self) -> bytes:
+        return x509.load_pem_x509_crl(self.crl_pem()).public_bytes(serialization.Encoding.DER)
 
     def mqtt_context(self) -> ssl.SSLContext:
         """Server side of mutual TLS: our CA only, the current CRL, TLS 1.2 or newer."""

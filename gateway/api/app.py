@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 
 import gateway
-from gateway.api import data, errors
+from gateway.api import credentials, data, errors
 from gateway.api.auth import ADMIN, READ, WRITE, ApiContext, context
 from gateway.api.schemas import (
     DeviceEnvelope,
@@ -22,12 +22,11 @@ from gateway.api.schemas import (
     device_out,
     when,
 )
+from gateway.core.clock import parse_duration, utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 from gateway.core.records import SORTABLE_FIELDS, DeviceQuery
 from gateway.errors import InvalidValue, StoreUnavailable
-
-PEM = "application/x-pem-file"
 
 
 def _sort(raw: str | None) -> tuple[str, ...]:
@@ -61,6 +60,9 @@ def build_router() -> APIRouter:
         blocked: Literal["all", "hide", "only"] = "all",
         status: Literal["pending", "active", "inactive", "maintenance", "revoked"] | None = None,
         connection: Literal["online", "offline"] | None = None,
+        cert_expires_within: Annotated[
+            str | None, Query(description="newest valid certificate ends within, e.g. 30d, 12h")
+        ] = None,
         sort: Annotated[
             str | None, Query(description="fields, '-' for descending, e.g. -last_seen_at,name")
         ] = None,
@@ -68,11 +70,13 @@ def build_router() -> APIRouter:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> DeviceList:
         """List devices with filters, sorting and paging."""
+        expires_before = utcnow() + parse_duration(cert_expires_within) if cert_expires_within else None
         query = DeviceQuery(
             search=search,
             blocked=blocked,
             status=DeviceStatus(status) if status else None,
             connection=Connection(connection) if connection else None,
+            cert_expires_before=expires_before,
             sort=_sort(sort),
             limit=limit,
             offset=offset,
@@ -133,16 +137,6 @@ def build_router() -> APIRouter:
         await context(request).devices.delete(device_id)
         return Success(success=True)
 
-    @r.get("/ca/certificate", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
-    async def ca_certificate(request: Request) -> Response:
-        """The gateway's root CA certificate (PEM): devices trust the gateway with it."""
-        return Response(context(request).pki.ca_pem, media_type=PEM)
-
-    @r.get("/ca/crl", response_class=Response, tags=["ca"], responses={200: {"content": {PEM: {}}}})
-    async def ca_crl(request: Request) -> Response:
-        """The current certificate revocation list (PEM)."""
-        return Response(context(request).pki.crl_pem(), media_type=PEM)
-
     return r
 
 
@@ -157,6 +151,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     errors.install(app)
     app.include_router(build_router(), prefix="/api/v1")
+    app.include_router(credentials.build_router(), prefix="/api/v1")
     app.include_router(data.build_router(), prefix="/api/v1")
 
     @app.get("/healthz", response_model=Health, tags=["health"])

@@ -11,7 +11,9 @@ from gateway.core.clock import iso
 from gateway.core.records import DeviceRecord
 
 
-class _In(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -89,7 +91,7 @@ class DeviceList(BaseModel):
     offset: int
 
 
-class RegisterIn(_In):
+class RegisterIn(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     id: str | None = Field(
         default=None, description="your own id, e.g. a hardware serial; generated if absent"
@@ -102,12 +104,12 @@ class Registered(BaseModel):
     token_expires_at: str
 
 
-class PatchIn(_In):
+class PatchIn(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     status: Literal["active", "inactive", "maintenance"] | None = None
 
 
-class ProvisionIn(_In):
+class ProvisionIn(RequestBody):
     token: str = Field(min_length=1, max_length=200)
     csr: str = Field(min_length=1, max_length=16384, description="PEM certificate signing request")
 
