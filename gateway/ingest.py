@@ -67,7 +67,8 @@ class Ingest:
         self._settings = settings
         self._last_seen = last_seen
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=settings.queue_size)
-        self._seen_flushed: dict[str, float] = {}
+        self._seen_flushed: dict[str, float] = {}  # device id -> last packet time written
+        self._ended_seen: dict[str, float] = {}  # sessions that ended since the last flush
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = IngestStats()
 
@@ -249,14 +250,32 @@ class Ingest:
             except Exception:
                 log.exception("ingest.last_seen_flush_failed")
 
+    def session_ended(self, device_id: str, last_packet_at: float) -> None:
+        """Keep an ended session's last packet time for the next flush (it left the live set)."""
+        if last_packet_at > self._ended_seen.get(device_id, 0.0):
+            self._ended_seen[device_id] = last_packet_at
+
     async def _flush_last_seen(self) -> None:
-        updates: dict[str, datetime] = {}
-        for device_id, at in self._last_seen():
-            if at > self._seen_flushed.get(device_id, 0.0):
-                updates[device_id] = datetime.fromtimestamp(at, UTC)
-                self._seen_flushed[device_id] = at
+        """Write last_seen_at of every device seen since the last flush, in one batch.
+
+        What was flushed is remembered only after the commit (a failed flush is retried
+        next time) and only for devices still connected, so memory follows the live set.
+        """
+        live = dict(self._last_seen())
+        seen = dict(self._ended_seen)
+        for device_id, at in live.items():
+            seen[device_id] = max(at, seen.get(device_id, 0.0))
+        updates = {
+            device_id: datetime.fromtimestamp(at, UTC)
+            for device_id, at in seen.items()
+            if at > self._seen_flushed.get(device_id, 0.0)
+        }
         if updates:
             await self._data.write_batch(IngestBatch(last_seen=updates))
+        for device_id, at in seen.items():
+            if self._ended_seen.get(device_id) == at:
+                del self._ended_seen[device_id]
+        self._seen_flushed = {device_id: at for device_id, at in seen.items() if device_id in live}
 
 
 def _reading_row(device_id: str, reading: payloads.Reading, received_at: datetime) -> dict[str, Any]:

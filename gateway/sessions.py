@@ -90,6 +90,8 @@ class Gatekeeper:
         log.info(
             "session.ended", client_id=session.key, reason=reason.value, conn=session.peer.connection_tag
         )
+        if session.device_id is not None and session.last_packet_at:
+            self._ingest.session_ended(session.device_id, session.last_packet_at)
         await self._presence.offline(session, reason)
 
     async def message_accepted(

@@ -27,6 +27,7 @@ from gateway.core import tokens
 from gateway.core.clock import iso, utcnow
 from gateway.mqtt_client import MqttClient
 from gateway.retention import Retention
+from gateway.store import Store
 from gateway.store.data import DeviceData, IngestBatch
 from tests.conftest import Harness, make_settings
 
@@ -498,6 +499,28 @@ async def test_last_data_at_and_last_seen_at(gateway: Harness) -> None:
     await client.publish(f"devices/{device_id}/health", json.dumps(health_report()), qos=1)
     await eventually(lambda: seen_after(before_health), "last_seen_at after a health report")
     assert (await device_record(gateway, device_id))["last_data_at"] == data_at
+
+
+@pytest.mark.parametrize("settings", [{"last_seen_flush_s": 3600}], indirect=True, ids=["no-periodic-flush"])
+async def test_last_seen_of_a_session_that_ended_before_the_flush_is_kept(gateway: Harness) -> None:
+    """A device that sends a packet and leaves before the next flush still gets its last_seen_at."""
+    device_id, client = await online(gateway)
+    await asyncio.sleep(0.05)
+    before = utcnow()
+    await client.publish(f"devices/{device_id}/health", json.dumps(health_report()), qos=1)
+    await client.disconnect()
+
+    async def offline() -> bool:
+        return bool((await device_record(gateway, device_id))["connection"] == "offline")
+
+    await eventually(offline, f"{device_id} OFFLINE")
+    await gateway.app.stop()  # flushes last_seen_at; the session is long gone from the live set
+    store = Store(gateway.app.settings.database_url)
+    try:
+        record = await store.get_device(device_id)
+    finally:
+        await store.close()
+    assert record.last_seen_at is not None and record.last_seen_at >= before
 
 
 # --- acknowledgement after commit, back-pressure ------------------------------------------
