@@ -8,6 +8,7 @@ CSR's subject and extensions are deliberately ignored: the gateway decides ident
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca.errors import CAError, CertificateRejected, CSRRejected
@@ -131,17 +133,28 @@ def vet_client_certificate(
     be valid at `now`, carry an allowed key, and be signed directly by one of `anchors`.
     """
     try:
-        pem = b"-----BEGIN" in data
-        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            # cryptography only warns about what RFC 5280 forbids (a serial <= 0) and will
+            # refuse it in a later release; refuse it now, whatever the warning filters say.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            pem = b"-----BEGIN" in data
+            cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+        extensions = cert.extensions  # parsed lazily: a malformed extension raises only here
+    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
         raise CertificateRejected("malformed", "not a parseable X.509 certificate") from exc
     try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+        public_key = cert.public_key()
+    except ValueError as exc:
+        raise CertificateRejected("malformed", "the certificate's public key cannot be parsed") from exc
+    except UnsupportedAlgorithm as exc:
+        raise CertificateRejected("unsupported_key", "the certificate's key type is not supported") from exc
+    try:
+        if extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise CertificateRejected("not_a_client_certificate", "a CA certificate cannot identify a device")
     except x509.ExtensionNotFound:
         pass
     try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
             raise CertificateRejected(
                 "not_a_client_certificate", "the certificate's extended key usage lacks clientAuth"
@@ -151,7 +164,7 @@ def vet_client_certificate(
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise CertificateRejected("not_valid_now", "the certificate is expired or not yet valid")
     try:
-        check_key_policy(cert.public_key())
+        check_key_policy(public_key)
     except CSRRejected as exc:
         raise CertificateRejected(exc.code, str(exc)) from exc
     for anchor in anchors:

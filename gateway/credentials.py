@@ -47,7 +47,7 @@ def parse_renewal(payload: bytes) -> str:
     """The CSR PEM of a renewal request ``{"csr": "-----BEGIN CERTIFICATE REQUEST..."}``."""
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; deep nesting recurses
         raise ProvisioningRefused(
             'renewal request must be JSON {"csr": "<PEM>"}', code="bad_request"
         ) from exc

@@ -88,7 +88,7 @@ def build_router() -> APIRouter:
     )
     async def attach(device_id: str, body: AttachIn, request: Request) -> CertificateEnvelope:
         """Bind a certificate of a configured external CA (``ca.external_anchors``) to the device."""
-        cert = await context(request).devices.attach_certificate(device_id, body.certificate.encode("ascii"))
+        cert = await context(request).devices.attach_certificate(device_id, body.certificate.encode("utf-8"))
         return CertificateEnvelope(data=certificate_out(cert))
 
     @r.post("/devices/{device_id}/credentials/reset", response_model=Registered, dependencies=[ADMIN])

@@ -447,6 +447,7 @@ def _add_missing_columns(conn: SyncConnection) -> None:
     existing rows stay valid; anything else needs a real migration.
     """
     inspector = inspect(conn)
+    missing = []
     for table in Base.metadata.sorted_tables:
         present = {column["name"] for column in inspector.get_columns(table.name)}
         for column in table.columns:
@@ -456,5 +457,9 @@ def _add_missing_columns(conn: SyncConnection) -> None:
                 raise StoreUnavailable(
                     f"table {table.name} lacks column {column.name}, which cannot be added in place"
                 )
-            ddl = CreateColumn(column).compile(dialect=conn.dialect)
-            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+            missing.append((table, column))
+    # Only once every table passed: Python's sqlite3 driver commits each ALTER TABLE at once
+    # (no transaction around DDL), so a refusal half-way would leave a half-upgraded schema.
+    for table, column in missing:
+        ddl = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))

@@ -291,3 +291,140 @@ def test_load_authority_checks_mode_and_pairing(authority: ca.Authority, tmp_pat
     files.write_private_key(key, ca.generate_key(), overwrite=True)
     with pytest.raises(ca.CAError, match="does not belong"):
         files.load_authority(cert, key)
+
+
+# --- certificates of an external CA -----------------------------------------------------------
+
+
+def _client_cert(
+    issuer: ca.Authority,
+    *,
+    key: object | None = None,
+    now: datetime = NOW,
+    validity: timedelta = timedelta(days=30),
+) -> x509.Certificate:
+    public = (key or ca.generate_key()).public_key()  # type: ignore[attr-defined]
+    return ca.issue_client_certificate(
+        issuer, public, subject_id="hw-1", kind="device", now=now, validity=validity
+    )
+
+
+def _built(issuer: ca.Authority, public_key: object, *extensions: x509.ExtensionType) -> x509.Certificate:
+    """A certificate built by hand (keys or extensions our CA would never issue)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hw-1")]))
+        .issuer_name(issuer.certificate.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(issuer.key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def vendor() -> ca.Authority:
+    return ca.create_authority(now=NOW, common_name="Vendor CA")
+
+
+def test_an_external_client_certificate_is_accepted_from_pem_or_der(
+    vendor: ca.Authority, authority: ca.Authority
+) -> None:
+    """A client certificate signed directly by one of the anchors is returned as parsed."""
+    cert = _client_cert(vendor)
+    anchors = [authority.certificate, vendor.certificate]
+    assert ca.vet_client_certificate(ca.certificate_pem(cert), anchors, now=NOW) == cert
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert ca.vet_client_certificate(der, anchors, now=NOW) == cert
+    plain = _built(vendor, ca.generate_key().public_key())  # no EKU, no basic constraints: allowed
+    assert ca.vet_client_certificate(ca.certificate_pem(plain), anchors, now=NOW) == plain
+
+
+def test_external_certificates_that_cannot_identify_a_device_are_rejected(
+    vendor: ca.Authority, authority: ca.Authority
+) -> None:
+    """CA or server certificates, wrong validity, weak keys and other issuers get a stable code."""
+    anchors = [vendor.certificate]
+    lookalike = ca.create_authority(now=NOW, common_name="Vendor CA")  # same name, other key
+    _, server = ca.issue_server_certificate(vendor, hostnames=["gw.example"], now=NOW)
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    cases: list[tuple[bytes, str]] = [
+        (vendor.certificate_pem, "not_a_client_certificate"),
+        (ca.certificate_pem(server), "not_a_client_certificate"),
+        (ca.certificate_pem(_client_cert(vendor, now=NOW - timedelta(days=60))), "not_valid_now"),
+        (ca.certificate_pem(_client_cert(vendor, now=NOW + timedelta(days=1))), "not_valid_now"),
+        (ca.certificate_pem(_built(vendor, weak)), "weak_key"),
+        (
+            ca.certificate_pem(_built(vendor, ed25519.Ed25519PrivateKey.generate().public_key())),
+            "unsupported_key",
+        ),
+        (ca.certificate_pem(_client_cert(lookalike)), "untrusted_issuer"),
+        (ca.certificate_pem(_client_cert(authority)), "untrusted_issuer"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "malformed"),
+        (b"\x30\x03\x02\x01\x01", "malformed"),
+    ]
+    for data, code in cases:
+        with pytest.raises(ca.CertificateRejected) as rejected:
+            ca.vet_client_certificate(data, anchors, now=NOW)
+        assert rejected.value.code == code, (code, str(rejected.value))
+
+
+def test_only_certificates_issued_directly_by_an_anchor_are_accepted(vendor: ca.Authority) -> None:
+    """A certificate of a CA below the anchor (a chain) is not accepted: anchors sign devices directly."""
+    sub_key = ca.generate_key()
+    sub_cert = _built(vendor, sub_key.public_key(), x509.BasicConstraints(ca=True, path_length=0))
+    sub = ca.Authority(key=sub_key, certificate=sub_cert)
+    with pytest.raises(ca.CertificateRejected) as rejected:
+        ca.vet_client_certificate(ca.certificate_pem(_client_cert(sub)), [vendor.certificate], now=NOW)
+    assert rejected.value.code == "untrusted_issuer"
+
+
+@pytest.fixture(scope="module")
+def vendor_der(vendor: ca.Authority) -> bytes:
+    return _client_cert(vendor).public_bytes(serialization.Encoding.DER)
+
+
+def _corrupted(der: bytes, marker: bytes, offset: int, value: int) -> bytes:
+    """`der` with the byte at `offset` after the first `marker` set to `value`."""
+    changed = bytearray(der)
+    changed[der.index(marker) + len(marker) + offset] = value
+    return bytes(changed)
+
+
+def test_certificates_that_parse_but_break_later_are_malformed(
+    vendor: ca.Authority, vendor_der: bytes
+) -> None:
+    """A negative serial, a bad version, a broken extension or an off-curve key: malformed, not a crash."""
+    cases = {
+        "negative serial": _corrupted(vendor_der, b"\x02\x14", 0, 0x80),  # RFC 5280: serials are positive
+        "version 6": _corrupted(vendor_der, b"\xa0\x03\x02\x01", 0, 0x05),
+        "broken extension": _corrupted(vendor_der, b"\x55\x1d\x25\x04\x0c\x30\x0a", 0, 0x05),  # EKU OID tag
+        "key off the curve": _corrupted(vendor_der, b"\x03\x42\x00\x04", 5, 0x00),
+    }
+    for what, der in cases.items():
+        with pytest.raises(ca.CertificateRejected) as rejected:
+            ca.vet_client_certificate(der, [vendor.certificate], now=NOW)
+        assert rejected.value.code == "malformed", what
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_vet_client_certificate_returns_or_raises_certificate_rejected(
+    vendor: ca.Authority, vendor_der: bytes, data: st.DataObject
+) -> None:
+    """Property: random bytes, or a good certificate with bytes changed, give a certificate or
+    CertificateRejected, nothing else."""
+    if data.draw(st.booleans()):
+        raw = data.draw(st.binary(max_size=2048))
+    else:
+        der = bytearray(vendor_der)
+        for _ in range(data.draw(st.integers(1, 4))):
+            der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+        raw = bytes(der)
+    try:
+        assert isinstance(ca.vet_client_certificate(raw, [vendor.certificate], now=NOW), x509.Certificate)
+    except ca.CertificateRejected:
+        pass
