@@ -145,30 +145,7 @@ class Handler(BrokerProtocolHandler):
         reason: OfflineReason | None = None
         self._reader_ready.set()
         try:
-            while True:
-                try:
-                    frame = await asyncio.wait_for(read_frame(self.reader, self.max_packet_bytes), timeout)
-                except TimeoutError:
-                    reason = OfflineReason.KEEPALIVE_TIMEOUT
-                    break
-                if frame is None:
-                    break
-                packet_type, flags, body = frame
-                if self.live is not None:
-                    self.live.last_packet_at = time.time()
-                if packet_type == wire.PUBLISH:
-                    await self._inbound_publish(wire.parse_publish(flags, body))
-                    continue
-                wire.check_packet(packet_type, flags, body)
-                if packet_type == wire.PUBREL:
-                    self._release(int.from_bytes(body[:2], "big"))
-                    continue
-                fixed = MQTTFixedHeader(packet_type, flags, len(body))
-                packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
-                if packet_type == wire.DISCONNECT:
-                    await self.handle_disconnect(packet)
-                    break
-                await self._dispatch(packet_type, packet)
+            reason = await self._read_packets(self.reader, timeout)
         except ProtocolViolation as exc:
             reason = OfflineReason.PROTOCOL_ERROR
             log.warning("session.protocol_violation", client_id=self.session.client_id, reason=exc.message)
@@ -179,12 +156,43 @@ class Handler(BrokerProtocolHandler):
             reason = OfflineReason.CONNECTION_LOST
         except asyncio.CancelledError:
             pass  # stop() cancels the reader; the disconnect flow below still runs
+        except Exception:
+            # A bug in the gateway, not the device's doing: end this one session through the
+            # normal disconnect flow (OFFLINE recorded), never leave it half alive or silent.
+            reason = OfflineReason.CONNECTION_LOST
+            log.exception("session.crashed", client_id=self.session.client_id)
         finally:
             if reason is not None and self.live is not None and self.live.close_reason is None:
                 self.live.close_reason = reason
             await self.handle_connection_closed()
             self._reader_stopped.set()
         await self.stop()
+
+    async def _read_packets(self, reader: Any, idle_limit_s: float | None) -> OfflineReason | None:
+        """Read and handle packets until the session ends; the reason when the gateway ends it."""
+        while True:
+            try:
+                frame = await asyncio.wait_for(read_frame(reader, self.max_packet_bytes), idle_limit_s)
+            except TimeoutError:
+                return OfflineReason.KEEPALIVE_TIMEOUT
+            if frame is None:
+                return None
+            packet_type, flags, body = frame
+            if self.live is not None:
+                self.live.last_packet_at = time.time()
+            if packet_type == wire.PUBLISH:
+                await self._inbound_publish(wire.parse_publish(flags, body))
+                continue
+            wire.check_packet(packet_type, flags, body)
+            if packet_type == wire.PUBREL:
+                self._release(int.from_bytes(body[:2], "big"))
+                continue
+            fixed = MQTTFixedHeader(packet_type, flags, len(body))
+            packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+            if packet_type == wire.DISCONNECT:
+                await self.handle_disconnect(packet)
+                return None
+            await self._dispatch(packet_type, packet)
 
     # --- inbound PUBLISH: acknowledged only once stored (gap 7) ------------------------
     #

@@ -76,7 +76,7 @@ class ProvisionRequest:
         """Parse ``{"token", "csr"}`` (no other keys); anything else is `InvalidValue`."""
         try:
             body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise InvalidValue("payload is not UTF-8 JSON", code="invalid_request") from exc
         if not isinstance(body, dict) or set(body) != {"token", "csr"}:
             raise InvalidValue('payload must be {"token", "csr"}', code="invalid_request")

@@ -279,6 +279,31 @@ async def test_gap8_a_presence_failure_is_logged_and_the_session_closed(gateway:
     assert not gateway.app.engine.is_connected(creds.name)
 
 
+async def test_gap8_an_unexpected_error_in_a_hook_ends_only_that_session_and_is_logged(
+    gateway: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug raised while handling a PUBLISH is logged, that session goes OFFLINE, others carry on."""
+    victim, bystander = await gateway.device(name="victim"), await gateway.device(name="bystander")
+    ops = await watcher(gateway)
+    accepted = gateway.app.gatekeeper.message_accepted
+
+    async def buggy(session: object, topic: str, payload: bytes, qos: int) -> object:
+        if topic.startswith(f"devices/{victim.name}/"):
+            raise RuntimeError("a bug in the gateway")
+        return await accepted(session, topic, payload, qos)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gateway.app.gatekeeper, "message_accepted", buggy)
+    client, other = await gateway.connect(victim), await gateway.connect(bystander)
+    await next_status(ops, victim.name, "online")
+    with capture_logs() as logs:
+        await client.publish(f"devices/{victim.name}/readings", '{"sensor":"t","value":1}', qos=0)
+        offline = await next_status(ops, victim.name, "offline")
+    assert offline["reason"] == "connection_lost"
+    assert any(entry["event"] == "session.crashed" and entry.get("exc_info") for entry in logs)
+    await other.publish(f"devices/{bystander.name}/readings", '{"sensor":"t","value":1}', qos=1)
+    assert gateway.app.engine.is_connected(bystander.name)
+
+
 # --- gap 12: delivery QoS -------------------------------------------------------------------
 
 
