@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: run test check lint typecheck install install-test system-deps clean
+.PHONY: run test check lint typecheck bench install install-test system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ system-deps:
 ## The whole suite.
 test: install-test system-deps
 	$(PY) -m pytest -q
+
+## Ingest benchmark against stock amqtt 0.12.1 (~15 min; BENCH_ARGS=--quick for ~2 min).
+bench: install-test
+	bench/ingest $(BENCH_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check gateway ca tests bench
