@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gateway.api import ApiContext, create_app
 from gateway.api.server import ApiServer
+from gateway.audit import Audit
 from gateway.broker import MqttEngine
 from gateway.config import Settings
 from gateway.core import tokens
@@ -38,6 +39,7 @@ from gateway.provisioning import ProvisioningListener
 from gateway.retention import Retention
 from gateway.sessions import Gatekeeper
 from gateway.store import Store
+from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
 
 log = get_logger("gateway.app")
@@ -104,6 +106,8 @@ class GatewayApp:
         self.engine = MqttEngine(settings.mqtt)
         self.events = Events(self.engine)
         self.presence = PresenceService(self.store, self.events)
+        self.audit_store = AuditStore(self.store.engine)
+        self.audit = Audit(self.audit_store)
         self.data = DeviceData(self.store.engine)
         self.ingest = Ingest(self.data, self.events, settings.ingest, last_seen=self._last_seen)
         self.retention = Retention(self.data, settings.retention)
@@ -120,7 +124,7 @@ class GatewayApp:
             self.store.credentials, self.pki, self.tls, timedelta(days=ca_settings.crl_next_update_days)
         )
         self.certificates = CertificateLifecycle(
-            self.store.credentials, self.pki, self.revocations, self.events, ca_settings
+            self.store.credentials, self.pki, self.revocations, self.events, self.audit, ca_settings
         )
         self.devices = DeviceService(
             self.store,
@@ -128,6 +132,7 @@ class GatewayApp:
             self.revocations,
             self.engine,
             self.events,
+            self.audit,
             token_ttl=timedelta(hours=self.settings.provisioning.token_ttl_hours),
             device_validity=ca_settings.device_validity,
         )
@@ -153,6 +158,7 @@ class GatewayApp:
                 store=self.store,
                 pki=self.pki,
                 data=self.data,
+                audit=self.audit_store,
                 session_count=lambda: self.engine.connected_count,
             )
         )

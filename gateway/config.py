@@ -68,7 +68,7 @@ class CaSettings(_Section):
     operator_validity_days: int = Field(default=365, ge=1, le=3650)
     crl_next_update_days: int = Field(default=7, ge=1, le=365)
     renew_when_remaining: float = Field(default=0.2, gt=0, lt=1)  # share of validity left: hint renewal
-    renew_min_interval_s: float = Field(default=60, ge=0)  # between two certificates of one device
+    renew_min_interval_s: float = Field(default=60, ge=0)  # between two renewals of one device
     expiry_warning_days: int = Field(default=30, ge=1, le=3650)  # certificate_expiring event horizon
     external_anchors: list[ExternalAnchor] = Field(default_factory=list)
 

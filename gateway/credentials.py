@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 import ca
+from gateway.audit import Audit, acting_as
 from gateway.broker import LiveSession
 from gateway.config import CaSettings
 from gateway.core import topics
@@ -83,8 +84,10 @@ class CertificateLifecycle:
         pki: Pki,
         revocations: Revocations,
         events: Events,
+        audit: Audit,
         settings: CaSettings,
     ) -> None:
+        self._audit = audit
         self._credentials = credentials
         self._pki = pki
         self._revocations = revocations
@@ -185,6 +188,15 @@ class CertificateLifecycle:
                 "not_after": iso(cert.not_after),
             },
         )
+        with acting_as(f"device:{device_id}"):
+            await self._audit.record(
+                "certificate.renewed",
+                "device",
+                device_id,
+                certificate_serial=cert.serial,
+                renews=session.certificate.serial,
+                replaced_unused=replaced,
+            )
         await self._events.emit(
             "device", action="certificate_renewed", device_id=device_id, certificate_serial=cert.serial
         )

@@ -15,9 +15,10 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 import ca
+from gateway.audit import Audit, acting_as, current_actor, snapshot
 from gateway.core import lifecycle, tokens
 from gateway.core.admission import CertificateKind
-from gateway.core.clock import utcnow
+from gateway.core.clock import iso, utcnow
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
 from gateway.core.presence import OfflineReason
@@ -32,6 +33,8 @@ from gateway.store import Store
 log = get_logger("gateway.devices")
 
 MAX_NAME_LENGTH = 200
+# The parts of a device record an operator changes; the audit trail keeps them before and after.
+AUDITED_FIELDS = ("id", "name", "status", "blocked", "blocked_at", "checked_in_at", "certificate")
 
 
 class SessionControl(Protocol):
@@ -54,6 +57,11 @@ class Provisioned:
     not_after: datetime
 
 
+def _event_fields(detail: dict[str, object]) -> dict[str, object]:
+    """Detail as event fields: times as ISO 8601."""
+    return {key: iso(value) if isinstance(value, datetime) else value for key, value in detail.items()}
+
+
 def clean_name(name: str) -> str:
     name = name.strip() if isinstance(name, str) else ""
     if not name or len(name) > MAX_NAME_LENGTH or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
@@ -71,6 +79,7 @@ class DeviceService:
         revocations: Revocations,
         sessions: SessionControl,
         events: Events,
+        audit: Audit,
         *,
         token_ttl: timedelta,
         device_validity: timedelta,
@@ -81,6 +90,7 @@ class DeviceService:
         self._revocations = revocations
         self._sessions = sessions
         self._events = events
+        self._audit = audit
         self._token_ttl = token_ttl
         self._device_validity = device_validity
 
@@ -91,8 +101,7 @@ class DeviceService:
         did = DeviceId(device_id) if device_id is not None else DeviceId.generate()
         device = await self._store.create_device(did, clean_name(name), now)
         registration = await self._new_token(device, now)
-        log.info("device.registered", device_id=device.id)
-        await self._events.emit("device", action="registered", device_id=device.id)
+        await self._changed("registered", device.id, None, device, token_expires_at=registration.expires_at)
         return registration
 
     async def _new_token(self, device: DeviceRecord, now: datetime) -> Registration:
@@ -122,17 +131,17 @@ class DeviceService:
             ),
         )
         device_id, cert = enrolled.device_id, enrolled.certificate
-        log.info("device.provisioned", device_id=device_id, serial=cert.serial, key=vetted.key_description)
         if enrolled.superseded:  # a credential reset that did not revoke at once does so now
             await self._revocations.refresh()
             await self._kick(device_id, OfflineReason.REVOKED)
-        await self._events.emit(
-            "device",
-            action="provisioned",
-            device_id=device_id,
-            certificate_serial=cert.serial,
-            superseded_serials=enrolled.superseded,
-        )
+        with acting_as(f"device:{device_id}"):  # the token's holder acted, not an operator
+            await self._changed(
+                "provisioned",
+                device_id,
+                certificate_serial=cert.serial,
+                superseded_serials=enrolled.superseded,
+                key_type=vetted.key_description,
+            )
         return Provisioned(device_id, cert.pem, self._pki.ca_pem.decode("ascii"), cert.serial, cert.not_after)
 
     async def reset_credentials(self, device_id: str, *, revoke_existing: bool) -> Registration:
@@ -149,13 +158,12 @@ class DeviceService:
             serials = await self._revoke_certificates(device_id)
             await self._kick(device_id, OfflineReason.REVOKED)
         registration = await self._new_token(device, utcnow())
-        log.info("device.credentials_reset", device_id=device_id, revoked=serials)
-        await self._events.emit(
-            "device",
-            action="credentials_reset",
-            device_id=device_id,
+        await self._changed(
+            "credentials_reset",
+            device_id,
             revoke_existing=revoke_existing,
             certificate_serials=serials,
+            token_expires_at=registration.expires_at,
         )
         return registration
 
@@ -173,11 +181,9 @@ class DeviceService:
             raise Conflict(f"device {device_id} is revoked", code="device_revoked")
         cert = self._pki.external_certificate(pem, subject=device_id, now=now)
         await self._credentials.add_certificate(cert, now)
-        log.info("device.certificate_attached", device_id=device_id, serial=cert.serial)
-        await self._events.emit(
-            "device",
-            action="certificate_attached",
-            device_id=device_id,
+        await self._changed(
+            "certificate_attached",
+            device_id,
             certificate_serial=cert.serial,
             fingerprint=cert.fingerprint_sha256,
         )
@@ -194,8 +200,9 @@ class DeviceService:
     # --- changes ------------------------------------------------------------------
 
     async def rename(self, device_id: str, name: str) -> DeviceRecord:
+        before = await self._store.get_device(device_id)
         device = await self._store.update_device(device_id, utcnow(), name=clean_name(name))
-        await self._events.emit("device", action="renamed", device_id=device_id, name=device.name)
+        await self._changed("renamed", device_id, before, device, name=device.name)
         return device
 
     async def request_status(self, device_id: str, requested: DeviceStatus) -> DeviceRecord:
@@ -209,15 +216,8 @@ class DeviceService:
         device = current
         if new is not current.status:
             device = await self._store.change_status(device_id, current.status, new, utcnow())
-            await self._events.emit(
-                "device",
-                action="status_changed",
-                device_id=device_id,
-                status=new.value,
-                previous=current.status.value,
-            )
-            log.info(
-                "device.status_changed", device_id=device_id, status=new.value, previous=current.status.value
+            await self._changed(
+                "status_changed", device_id, current, device, status=new.value, previous=current.status.value
             )
         if new not in lifecycle.CONNECTABLE:
             reason = OfflineReason.REVOKED if new is DeviceStatus.REVOKED else OfflineReason.DEACTIVATED
@@ -225,16 +225,16 @@ class DeviceService:
         return device
 
     async def block(self, device_id: str) -> DeviceRecord:
+        before = await self._store.get_device(device_id)
         device = await self._store.update_device(device_id, utcnow(), blocked=True, blocked_at=utcnow())
-        log.info("device.blocked", device_id=device_id)
         await self._kick(device_id, OfflineReason.BLOCKED)
-        await self._events.emit("device", action="blocked", device_id=device_id)
+        await self._changed("blocked", device_id, before, device)
         return device
 
     async def unblock(self, device_id: str) -> DeviceRecord:
+        before = await self._store.get_device(device_id)
         device = await self._store.update_device(device_id, utcnow(), blocked=False, blocked_at=None)
-        log.info("device.unblocked", device_id=device_id)
-        await self._events.emit("device", action="unblocked", device_id=device_id)
+        await self._changed("unblocked", device_id, before, device)
         return device
 
     async def revoke(self, device_id: str) -> DeviceRecord:
@@ -246,19 +246,39 @@ class DeviceService:
             device = await self._store.change_status(device_id, current.status, new, utcnow())
         serials = await self._revoke_certificates(device_id)
         await self._kick(device_id, OfflineReason.REVOKED)
-        log.info("device.revoked", device_id=device_id, serials=serials)
-        await self._events.emit("device", action="revoked", device_id=device_id, certificate_serials=serials)
+        await self._changed("revoked", device_id, current, device, certificate_serials=serials)
         return device
 
     async def delete(self, device_id: str) -> None:
         """Revoke (certificates stay on the CRL), cut the session, then remove the record."""
-        await self._store.get_device(device_id)
+        before = await self._store.get_device(device_id)
         serials = await self._revoke_certificates(device_id)  # from here on every reconnect is refused
         await self._kick(device_id, OfflineReason.DELETED)  # OFFLINE (deleted) is recorded and published
         await self._store.delete_device(device_id)
         self._events.forget_status(device_id)
-        log.info("device.deleted", device_id=device_id, serials=serials)
-        await self._events.emit("device", action="deleted", device_id=device_id, certificate_serials=serials)
+        await self._changed("deleted", device_id, before, None, certificate_serials=serials)
+
+    async def _changed(
+        self,
+        action: str,
+        device_id: str,
+        before: DeviceRecord | None = None,
+        after: DeviceRecord | None = None,
+        **detail: object,
+    ) -> None:
+        """Every registry change, in one place: logged, audited (who, before, after), published."""
+        log.info(f"device.{action}", device_id=device_id, **detail)
+        await self._audit.record(
+            f"device.{action}",
+            "device",
+            device_id,
+            before=snapshot(before, AUDITED_FIELDS),
+            after=snapshot(after, AUDITED_FIELDS),
+            **detail,
+        )
+        await self._events.emit(
+            "device", action=action, device_id=device_id, actor=current_actor(), **_event_fields(detail)
+        )
 
     async def _revoke_certificates(self, device_id: str) -> list[str]:
         now = utcnow()

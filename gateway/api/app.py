@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 
 import gateway
-from gateway.api import credentials, data, errors
+from gateway.api import audit, credentials, data, errors
 from gateway.api.auth import ADMIN, READ, WRITE, ApiContext, context
 from gateway.api.schemas import (
     DeviceEnvelope,
@@ -152,6 +152,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     errors.install(app)
     app.include_router(build_router(), prefix="/api/v1")
     app.include_router(credentials.build_router(), prefix="/api/v1")
+    app.include_router(audit.build_router(), prefix="/api/v1")
     app.include_router(data.build_router(), prefix="/api/v1")
 
     @app.get("/healthz", response_model=Health, tags=["health"])

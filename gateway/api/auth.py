@@ -9,12 +9,14 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.audit import set_actor
 from gateway.core import tokens
 from gateway.core.clock import utcnow
 from gateway.devices import DeviceService
 from gateway.errors import Forbidden, Unauthorized
 from gateway.pki import Pki
 from gateway.store import Store
+from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
 
 
@@ -24,6 +26,7 @@ class ApiContext:
     store: Store
     pki: Pki
     data: DeviceData
+    audit: AuditStore
     session_count: Callable[[], int]
 
 
@@ -52,6 +55,7 @@ def require(scope: str) -> Any:
         if not tokens.allows(token.scopes, scope):
             raise Forbidden(f"this token lacks the {scope!r} scope", code="forbidden")
         request.state.token_name = token.name
+        set_actor(f"token:{token.name}")  # for the audit trail and the request's logs
 
     return Depends(check)
 

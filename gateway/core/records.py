@@ -185,3 +185,30 @@ class TimeWindow:
     until: datetime | None = None
     limit: int = 100
     before: tuple[datetime, int] | None = None  # the (ts, id) of the last row of the previous page
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action as recorded (`id` and `at` are set by the store)."""
+
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    before: dict[str, object] | None = None
+    after: dict[str, object] | None = None
+    detail: dict[str, object] | None = None
+    id: int | None = None
+    at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    actor: str | None = None
+    action: str | None = None  # exact, or a prefix ending in "." (``device.``)
+    target_type: str | None = None
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+    offset: int = 0

@@ -10,7 +10,7 @@ the certificate lifecycle that need the database live here, each stated once:
 - a renewal is recorded beside the certificate it renews; both stay valid until the
   new one is first used, which revokes every older certificate of the device;
 - a newer renewal request replaces an earlier renewal that was never used;
-- renewals of one device are at least ``min_interval`` apart.
+- renewals of one device are at least ``min_interval`` apart (enrolment does not count).
 
 Conditional updates (``WHERE used_at IS NULL``, ``WHERE first_used_at IS NULL``) make
 single use and first use hold under concurrency and across instances.
@@ -136,13 +136,15 @@ class CredentialStore:
             newest = (
                 await conn.execute(
                     select(func.max(certificates.c.created_at)).where(
-                        certificates.c.kind == _DEVICE, certificates.c.subject == device_id
+                        certificates.c.kind == _DEVICE,
+                        certificates.c.subject == device_id,
+                        certificates.c.renews.is_not(None),
                     )
                 )
             ).scalar_one_or_none()
             if newest is not None and now - newest < min_interval:
                 raise ProvisioningRefused(
-                    f"a certificate was issued {int((now - newest).total_seconds())} s ago; "
+                    f"the last renewal was {int((now - newest).total_seconds())} s ago; "
                     f"renew at most every {int(min_interval.total_seconds())} s",
                     code="rate_limited",
                 )

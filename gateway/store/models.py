@@ -231,3 +231,24 @@ class SensorRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_sensors_value_type", "value_type"),)
+
+
+# --- operator actions ----------------------------------------------------------------------
+
+
+class AuditRow(Base):
+    """One operator action, append-only: who, when, what, and the record before and after."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(String(120), index=True)  # token:<name>, device:<id>, system
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. device.blocked
+    target_type: Mapped[str] = mapped_column(String(32))  # device | token | group | ...
+    target_id: Mapped[str] = mapped_column(String(128))
+    before: Mapped[str | None] = mapped_column(Text)  # JSON
+    after: Mapped[str | None] = mapped_column(Text)  # JSON
+    detail: Mapped[str | None] = mapped_column(Text)  # JSON: what the action adds (serials, reason)
+
+    __table_args__ = (Index("ix_audit_target", "target_type", "target_id", "at"),)
