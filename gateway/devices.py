@@ -10,19 +10,20 @@ reconnect racing the kick is refused too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
 import ca
 from gateway.audit import Audit, acting_as, current_actor, snapshot
-from gateway.core import lifecycle, tokens
+from gateway.core import device_fields, lifecycle, tokens
 from gateway.core.admission import CertificateKind
 from gateway.core.clock import iso, utcnow
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
 from gateway.core.presence import OfflineReason
-from gateway.core.records import CertificateRecord, DeviceQuery, DeviceRecord
+from gateway.core.records import CertificateRecord, DevicePage, DeviceQuery, DeviceRecord, DeviceSummary
 from gateway.credentials import Revocations
 from gateway.errors import Conflict, InvalidValue, ProvisioningRefused
 from gateway.events import Events
@@ -34,7 +35,16 @@ log = get_logger("gateway.devices")
 
 MAX_NAME_LENGTH = 200
 # The parts of a device record an operator changes; the audit trail keeps them before and after.
-AUDITED_FIELDS = ("id", "name", "status", "blocked", "blocked_at", "checked_in_at", "certificate")
+AUDITED_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "blocked",
+    "blocked_at",
+    "checked_in_at",
+    "certificate",
+    *device_fields.DETAIL_FIELDS,
+)
 
 
 class SessionControl(Protocol):
@@ -132,8 +142,8 @@ class DeviceService:
         )
         device_id, cert = enrolled.device_id, enrolled.certificate
         if enrolled.superseded:  # a credential reset that did not revoke at once does so now
-            await self._revocations.refresh()
             await self._kick(device_id, OfflineReason.REVOKED)
+            await self._revocations.refresh()
         with acting_as(f"device:{device_id}"):  # the token's holder acted, not an operator
             await self._changed(
                 "provisioned",
@@ -155,8 +165,7 @@ class DeviceService:
             raise Conflict(f"device {device_id} is revoked; register a new device", code="device_revoked")
         serials: list[str] = []
         if revoke_existing:
-            serials = await self._revoke_certificates(device_id)
-            await self._kick(device_id, OfflineReason.REVOKED)
+            serials = await self._withdraw(device_id, OfflineReason.REVOKED)
         registration = await self._new_token(device, utcnow())
         await self._changed(
             "credentials_reset",
@@ -194,10 +203,50 @@ class DeviceService:
     async def get(self, device_id: str) -> DeviceRecord:
         return await self._store.get_device(device_id)
 
-    async def find(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
+    async def find(self, query: DeviceQuery) -> DevicePage:
         return await self._store.list_devices(query)
 
+    async def summary(self, query: DeviceQuery) -> DeviceSummary:
+        return await self._store.device_summary(query, utcnow())
+
     # --- changes ------------------------------------------------------------------
+
+    async def patch(
+        self,
+        device_id: str,
+        *,
+        name: str | None = None,
+        status: DeviceStatus | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> DeviceRecord:
+        """PATCH: every value is checked before anything changes; then rename, details, status."""
+        parsed = device_fields.parse_details(details or {})
+        if name is not None:
+            clean_name(name)
+        if status is not None:
+            lifecycle.event_for_requested(status)
+        device = await self._store.get_device(device_id)
+        if name is not None:
+            device = await self.rename(device_id, name)
+        if parsed:
+            device = await self.update_details(device_id, parsed)
+        if status is not None:
+            device = await self.request_status(device_id, status)
+        return device
+
+    async def update_details(self, device_id: str, details: Mapping[str, object]) -> DeviceRecord:
+        """Description, tags, location ids, metadata, settings: each present one replaced.
+
+        Recorded (and ``updated_at`` moved) only when something actually changed.
+        """
+        parsed = device_fields.parse_details(details)
+        before = await self._store.get_device(device_id)
+        changed = {name: value for name, value in parsed.items() if getattr(before, name) != value}
+        if not changed:
+            return before
+        device = await self._store.update_device(device_id, utcnow(), **changed)
+        await self._changed("updated", device_id, before, device, fields=sorted(changed))
+        return device
 
     async def rename(self, device_id: str, name: str) -> DeviceRecord:
         before = await self._store.get_device(device_id)
@@ -244,16 +293,15 @@ class DeviceService:
         if current.status is not DeviceStatus.REVOKED:
             new = lifecycle.next_status(current.status, LifecycleEvent.REVOKE, checked_in=False)
             device = await self._store.change_status(device_id, current.status, new, utcnow())
-        serials = await self._revoke_certificates(device_id)
-        await self._kick(device_id, OfflineReason.REVOKED)
+        serials = await self._withdraw(device_id, OfflineReason.REVOKED)
         await self._changed("revoked", device_id, current, device, certificate_serials=serials)
         return device
 
     async def delete(self, device_id: str) -> None:
         """Revoke (certificates stay on the CRL), cut the session, then remove the record."""
         before = await self._store.get_device(device_id)
-        serials = await self._revoke_certificates(device_id)  # from here on every reconnect is refused
-        await self._kick(device_id, OfflineReason.DELETED)  # OFFLINE (deleted) is recorded and published
+        # From here on every reconnect is refused; OFFLINE (deleted) is recorded and published.
+        serials = await self._withdraw(device_id, OfflineReason.DELETED)
         await self._store.delete_device(device_id)
         self._events.forget_status(device_id)
         await self._changed("deleted", device_id, before, None, certificate_serials=serials)
@@ -280,9 +328,16 @@ class DeviceService:
             "device", action=action, device_id=device_id, actor=current_actor(), **_event_fields(detail)
         )
 
-    async def _revoke_certificates(self, device_id: str) -> list[str]:
+    async def _withdraw(self, device_id: str, reason: OfflineReason) -> list[str]:
+        """Revoke every certificate of the device, cut its session, then re-sign the CRL.
+
+        The registry refuses the certificates from the first step on (a racing reconnect
+        gets CONNACK 5), so the kick does not wait for the CRL and the new TLS context,
+        which then make every later handshake fail.
+        """
         now = utcnow()
         serials = await self._credentials.revoke_certificates(CertificateKind.DEVICE, device_id, now)
+        await self._kick(device_id, reason)
         if serials:
             await self._revocations.refresh()
         return serials

@@ -42,11 +42,12 @@ from gateway.core.provisioning import (
     rejected_answer,
 )
 from gateway.core.ratelimit import Rate, RateLimiter
+from gateway.core.ratelimit import Verdict as RateVerdict
 from gateway.devices import Provisioned
 from gateway.errors import GatewayError, ProtocolViolation
 from gateway.events import Events
-from gateway.listener import tls_reason
 from gateway.logs import get_logger
+from gateway.tls_server import TlsServer
 
 log = get_logger("gateway.provisioning")
 
@@ -71,8 +72,11 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[int,
     return first[0] >> 4, first[0] & 0x0F, body
 
 
-class ProvisioningListener:
+class ProvisioningListener(TlsServer):
     """The provisioning port: `start`, `port`, `stop`; counters for tests and operators."""
+
+    name = "provisioning"
+    tls_failed_event = "provisioning.tls_failed"
 
     def __init__(
         self,
@@ -84,6 +88,9 @@ class ProvisioningListener:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(
+            settings.mqtt_host, settings.mqtt_port, handshake_timeout_s=mqtt.tls_handshake_timeout_s
+        )
         self._devices = devices
         self._events = events
         self._context = context
@@ -91,74 +98,44 @@ class ProvisioningListener:
         self._mqtt = mqtt
         self._clock = clock
         self._limiter = RateLimiter(Rate(settings.mqtt_attempts_per_minute, per_s=60.0))
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
         self._redeeming: set[asyncio.Task[Any]] = set()  # past the request: let them answer
         self.attempts = 0  # connections accepted, each one attempt
         self.provisioned = 0
         self.refused: collections.Counter[str] = collections.Counter()  # by code; each one an event
         self.dropped: collections.Counter[str] = collections.Counter()  # left, lost or timed out
-        self.tls_failures = 0
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connection, self._settings.mqtt_host, self._settings.mqtt_port, reuse_address=True
-        )
-        log.info("provisioning.listening", host=self._settings.mqtt_host, port=self.port)
+    def context(self) -> ssl.SSLContext:
+        return self._context
 
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("provisioning listener not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+    def accepted(self, host: str) -> RateVerdict:
+        """Each connection is one attempt, counted before TLS so that failed handshakes count too."""
+        self.attempts += 1
+        return self._limiter.allow(host, self._clock())
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop accepting and cut every conversation, except that a request being redeemed gets
         `grace_s` to deliver its answer (its token may already be spent)."""
-        if self._server is None:
+        if not self.started:
             return
-        self._server.close()
-        for task in self._connections - self._redeeming:
-            task.cancel()
-        pending = set(self._connections)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace_s)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=1)
+        await self.stop_accepting()
+        self.cut(self._connections - self._redeeming)
+        await self.wait_connections_closed(grace_s)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: tuple[str, int],
+        admission: Any,
+    ) -> None:
+        verdict: RateVerdict = admission
         task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        host = str(peer[0])
-        raw = writer.transport  # start_tls replaces writer.transport; this one is the TCP socket
-        self.attempts += 1
-        verdict = self._limiter.allow(host, self._clock())
         try:
-            try:
-                await writer.start_tls(
-                    self._context, ssl_handshake_timeout=self._mqtt.tls_handshake_timeout_s
-                )
-            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-                self.tls_failures += 1
-                log.info("provisioning.tls_failed", peer=host, reason=tls_reason(exc))
-                return
             dialogue = Dialogue(over_limit=not verdict.allowed)
-            await self._converse(reader, writer, dialogue, host, verdict.retry_after_s)
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
+            await self._converse(reader, writer, dialogue, peer[0], verdict.retry_after_s)
         finally:
             if task is not None:
-                self._connections.discard(task)
                 self._redeeming.discard(task)
-            with contextlib.suppress(Exception):
-                if not raw.is_closing():
-                    raw.abort()
 
     async def _converse(
         self,
