@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from gateway.api.auth import ADMIN, context
-from gateway.core.clock import iso
+from gateway.core.clock import as_utc, iso
 from gateway.core.records import AuditQuery
 
 
@@ -32,12 +32,6 @@ class AuditPage(BaseModel):
     offset: int
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def build_router() -> APIRouter:
     r = APIRouter(tags=["audit"])
 
@@ -56,7 +50,7 @@ def build_router() -> APIRouter:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> AuditPage:
         """Who did what and when, with the record before and after; append-only."""
-        query = AuditQuery(actor, action, target_type, target_id, _aware(since), _aware(until), limit, offset)
+        query = AuditQuery(actor, action, target_type, target_id, as_utc(since), as_utc(until), limit, offset)
         entries, total = await context(request).audit.query(query)
         return AuditPage(
             data=[

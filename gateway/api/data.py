@@ -7,14 +7,14 @@ older than its last one (pass it back as ``cursor``), stable while new data arri
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from gateway.api.auth import READ, context
-from gateway.core.clock import iso, parse_duration, utcnow
+from gateway.core.clock import as_utc, iso, parse_duration, utcnow
 from gateway.core.records import ComponentRecord, HealthRecord, ReadingRecord, SensorRecord, TimeWindow
 from gateway.errors import InvalidValue
 
@@ -37,12 +37,6 @@ class Many(BaseModel):
     data: list[dict[str, Any]]
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _decode_cursor(cursor: str | None) -> tuple[datetime, int] | None:
     if not cursor:
         return None
@@ -60,7 +54,7 @@ def _encode_cursor(ts: datetime, row_id: int) -> str:
 
 
 def _window(since: datetime | None, until: datetime | None, limit: int, cursor: str | None) -> TimeWindow:
-    return TimeWindow(_aware(since), _aware(until), limit, _decode_cursor(cursor))
+    return TimeWindow(as_utc(since), as_utc(until), limit, _decode_cursor(cursor))
 
 
 def _next(rows: list[ReadingRecord] | list[HealthRecord], limit: int) -> str | None:

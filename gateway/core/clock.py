@@ -11,6 +11,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime | None) -> datetime | None:
+    """An aware UTC datetime; a naive one (from a query string without a zone) is taken as UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 UTC with ``Z``; ``None`` stays ``None``. Naive datetimes are taken as UTC."""
     if moment is None:
