@@ -8,6 +8,7 @@ raises `ApiError` carrying the API's error code and message.
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,22 @@ def ca_bundle(settings: Settings, cacert: Path | None = None) -> Path:
     return path
 
 
+def trust_context(cacert: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts `cacert` (httpx takes a context, not a path)."""
+    try:
+        return ssl.create_default_context(cafile=str(cacert))
+    except OSError as exc:  # ssl.SSLError included: not a PEM certificate
+        raise ConfigError(f"cannot load the CA certificate {cacert}: {exc}") from exc
+
+
 class ApiClient:
-    def __init__(self, base_url: str, *, token: str | None, cacert: Path, timeout: float = 15.0) -> None:
+    def __init__(
+        self, base_url: str, *, token: str | None, trust: ssl.SSLContext, timeout: float = 15.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.base_url + "/api/v1", headers=headers, verify=str(cacert), timeout=timeout
+            base_url=self.base_url + "/api/v1", headers=headers, verify=trust, timeout=timeout
         )
 
     @classmethod
@@ -62,7 +73,7 @@ class ApiClient:
         return cls(
             api or settings.api_url,
             token=read_token(settings) if authenticated else None,
-            cacert=ca_bundle(settings, cacert),
+            trust=trust_context(ca_bundle(settings, cacert)),
         )
 
     def close(self) -> None:

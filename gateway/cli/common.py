@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 import typer
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ApiError, GatewayError
+from gateway.errors import ApiError, ConfigError, GatewayError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,6 +26,17 @@ class State:
 def settings_from(ctx: typer.Context) -> Settings:
     state: State = ctx.find_root().obj or State()
     return load_settings(state.config)
+
+
+def mqtt_target(settings: Settings, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where to reach the gateway's MQTT listener: ``--host``/``--port`` or ``mqtt.host``/``mqtt.port``."""
+    target = host or settings.mqtt.host
+    if target in ("0.0.0.0", "::"):  # noqa: S104 - a bind-all address is not a place to connect to
+        target = "127.0.0.1"
+    port = port or settings.mqtt.port
+    if port == 0:
+        raise ConfigError("mqtt.port is 0 (chosen at start): pass --port or set GATEWAY_MQTT__PORT")
+    return target, port
 
 
 def fails_cleanly(func: Callable[P, R]) -> Callable[P, R]:

@@ -11,10 +11,12 @@ from typing import Annotated
 import typer
 
 import gateway
-from gateway import logs
-from gateway.app import initialise, serve
 from gateway.cli import data, devices, operators, simulate, tail
 from gateway.cli.common import State, fails_cleanly, print_json, settings_from
+
+# _SERVICE_ONLY: `init` and `serve` import the service (gateway.app: FastAPI, uvicorn,
+# SQLAlchemy, amqtt) inside their bodies. Imported here it cost every client command about
+# 1.5 s of start-up; tests/integration/test_cli_credentials.py checks it stays out.
 
 app = typer.Typer(
     name="gateway",
@@ -41,7 +43,7 @@ def root(
         typer.Option(
             "--config",
             "-c",
-            help="TOML settings file [default: config/gateway.toml when present]",
+            help="TOML settings file (default: config/gateway.toml when present)",
             envvar="GATEWAY_CONFIG",
             dir_okay=False,
         ),
@@ -65,6 +67,9 @@ def init(
 
     The admin token is printed once and written to <data_dir>/admin.token (mode 0600).
     """
+    from gateway import logs  # noqa: PLC0415 - see _SERVICE_ONLY
+    from gateway.app import initialise  # noqa: PLC0415 - see _SERVICE_ONLY
+
     settings = settings_from(ctx)
     logs.configure(settings.logging)
     report = asyncio.run(initialise(settings))
@@ -96,6 +101,9 @@ def serve_command(ctx: typer.Context) -> None:
     SIGTERM or Ctrl-C shut down cleanly: every device is marked OFFLINE with reason
     gateway_shutdown before the process exits.
     """
+    from gateway import logs  # noqa: PLC0415 - see _SERVICE_ONLY
+    from gateway.app import initialise, serve  # noqa: PLC0415 - see _SERVICE_ONLY
+
     settings = settings_from(ctx)
     logs.configure(settings.logging)
     report = asyncio.run(initialise(settings))

@@ -21,8 +21,6 @@ from gateway.config import Settings
 from gateway.core.admission import CertificateKind
 from gateway.core.clock import iso, utcnow
 from gateway.core.ids import OperatorName
-from gateway.pki import Pki, PkiPaths
-from gateway.store import Store
 
 app = typer.Typer(help="Operator certificates for MQTT.", no_args_is_help=True)
 
@@ -39,6 +37,10 @@ class IssuedOperator:
 
 async def issue_operator(settings: Settings, name: str, out: Path) -> IssuedOperator:
     """Make a key, issue and record an operator certificate, write the three files into `out`."""
+    # Imported here, not at the top: the store (SQLAlchemy) would slow down every command's start-up.
+    from gateway.pki import Pki, PkiPaths  # noqa: PLC0415 - start-up time, see above
+    from gateway.store import Store  # noqa: PLC0415 - start-up time, see above
+
     operator = OperatorName(name)
     pki = Pki.load(PkiPaths(settings.paths.certs_dir))
     key = ca.generate_key()

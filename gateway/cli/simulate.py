@@ -24,7 +24,7 @@ import httpx
 import typer
 
 from gateway.cli.client import ca_bundle, read_token
-from gateway.cli.common import fails_cleanly, print_json, settings_from
+from gateway.cli.common import fails_cleanly, mqtt_target, print_json, settings_from
 from gateway.core.simulation import Counters, device_ids
 from gateway.errors import ConfigError
 from gateway.simulator import Api, Target, provision, run
@@ -189,12 +189,7 @@ def simulate(
     settings = settings_from(ctx)
     ids = device_ids(prefix, devices)
     token, cacert = read_token(settings), ca_bundle(settings)
-    mqtt_host = host or settings.mqtt.host
-    if mqtt_host in ("0.0.0.0", "::"):  # noqa: S104 - a bind-all address is not a place to connect to
-        mqtt_host = "127.0.0.1"
-    mqtt_port = port or settings.mqtt.port
-    if mqtt_port == 0:
-        raise ConfigError("mqtt.port is 0 (chosen at start): pass --port or set GATEWAY_MQTT__PORT")
+    mqtt_host, mqtt_port = mqtt_target(settings, host, port)
     target = Target(host=mqtt_host, port=mqtt_port, interval_s=interval, qos=qos)
     try:
         counters, elapsed, early = asyncio.run(

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import fails_cleanly, settings_from
+from gateway.cli.common import fails_cleanly, mqtt_target, settings_from
 from gateway.cli.operators import issue_operator
 from gateway.config import Settings
 from gateway.core.presence import supersedes
@@ -68,10 +68,7 @@ async def follow(
 ) -> int:
     ctx = ssl.create_default_context(cafile=str(cacert))
     ctx.load_cert_chain(str(cert), str(key))
-    target = host or settings.mqtt.host
-    if target in ("0.0.0.0", "::"):  # noqa: S104 - a bind-all address is not a place to connect to
-        target = "127.0.0.1"
-    port = port or settings.mqtt.port
+    target, port = mqtt_target(settings, host, port)
     client = MqttClient(client_id="", keepalive=30)
     seen: dict[str, int] = {}
     printed = 0
@@ -118,12 +115,12 @@ def tail(
         int | None, typer.Option("--count", "-n", min=1, help="Stop after this many messages.")
     ] = None,
     cert: Annotated[
-        Path | None, typer.Option("--cert", help="Operator certificate [default: issued for 'cli']")
+        Path | None, typer.Option("--cert", help="Operator certificate (default: issued for 'cli')")
     ] = None,
     key: Annotated[Path | None, typer.Option("--key", help="Operator private key.")] = None,
     cacert: Annotated[Path | None, typer.Option("--cacert", help="The gateway's CA certificate.")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="MQTT host [default: mqtt.host]")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="MQTT port [default: mqtt.port]")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="MQTT host (default: mqtt.host)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="MQTT port (default: mqtt.port)")] = None,
 ) -> None:
     """Print every device status change and gateway event as it happens (Ctrl-C to stop).
 

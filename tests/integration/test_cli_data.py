@@ -4,7 +4,7 @@ with Mosquitto's own client, and the CLI reading the data back through the API (
 One gateway serves the whole module (it only ever gains data here). The contract (one JSON
 document on stdout, tables, error lines and exit status) is checked on `python -m gateway`
 subprocesses; the option matrix runs the same Typer app in this process (`InProcess`),
-because every subprocess pays the CLI's start-up (about 2-3 s on this machine).
+because every subprocess pays the CLI's start-up (about 1 s on this machine).
 """
 
 from __future__ import annotations
@@ -15,26 +15,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
-from gateway.cli.main import app
 from gateway.core.clock import iso
-from tests.integration.test_cli import (
+from tests.integration.processes import (
     Cli,
     Gateway,
+    InProcess,
     Processes,
     base_env,
     device_args,
     mosquitto,
     start_gateway,
 )
-
-# gateway/cli/client.py hands httpx a CA path (`verify=str`), which httpx 0.28 deprecates; only
-# the in-process runs see the warning (subprocesses do not turn warnings into errors).
-pytestmark = pytest.mark.filterwarnings("ignore:`verify=<str>` is deprecated:DeprecationWarning")
 
 DEVICE = "probe-1"
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
@@ -62,29 +56,6 @@ HEALTH = {
 
 
 @dataclass
-class InProcess:
-    """The `gateway` Typer app run in this process with the CLI environment of a running gateway."""
-
-    env: dict[str, str]
-
-    def __call__(self, *args: str) -> Result:
-        return CliRunner().invoke(app, list(args), env=self.env, catch_exceptions=False)
-
-    def json(self, *args: str) -> Any:
-        result = self(*args, "--json")
-        assert result.exit_code == 0, f"gateway {' '.join(args)} exited {result.exit_code}:\n{result.stderr}"
-        return json.loads(result.stdout)
-
-    def fails(self, *args: str) -> str:
-        """Runs a command that must fail: exit 1 and an ``error: ...`` line on stderr; returns it."""
-        result = self(*args)
-        assert result.exit_code == 1, f"gateway {' '.join(args)} exited {result.exit_code}:\n{result.output}"
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert errors, f"no error line on stderr:\n{result.stderr}"
-        return errors[0]
-
-
-@dataclass
 class Fixture:
     gw: Gateway
     cli: Cli
@@ -108,13 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
     try:
         gw = start_gateway(processes, tmp_path_factory.mktemp("cli-data"))
         root = gw.cli.cwd
-        fast = InProcess(
-            {
-                **gw.cli.env,
-                "GATEWAY_PATHS__DATA_DIR": str(root / "data"),
-                "GATEWAY_PATHS__CERTS_DIR": str(root / "certs"),
-            }
-        )
+        fast = InProcess.beside(gw)
         token = fast.json("devices", "register", "Probe", "--id", DEVICE)["registration_token"]
         fast.json("devices", "enroll", "--token", token, "--out", str(root / "dev"))
         publish(gw, "readings", READINGS)  # PUBACK only after commit: readable at once

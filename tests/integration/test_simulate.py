@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.test_cli import (
+from tests.integration.processes import (
     GATEWAY,
     Gateway,
     Processes,
