@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +35,7 @@ log = get_logger("gateway.broker")
 MAX_QOS2_IN_FLIGHT = 100
 # First bytes of the acknowledgements the gateway sends for inbound publishes.
 _PUBACK, _PUBREC, _PUBCOMP = 0x40, 0x50, 0x70
+_ACK = struct.Struct("!BBH")  # first byte, remaining length 2, packet id
 WRITER_CLOSE_TIMEOUT_S = 1.0
 
 
@@ -241,23 +243,33 @@ class Handler(BrokerProtocolHandler):
         self._flush_acks()
 
     def _flush_acks(self, _: object = None) -> None:
-        while self._acks:
-            first_byte, packet_id, stored = self._acks[0]
-            if stored is not None:
-                if not stored.done():
-                    return
-                if stored.cancelled() or stored.exception() is not None:
-                    # Not stored: never acknowledge. Closing makes the device resend it.
-                    self._acks.clear()
-                    if self.live is not None and self.live.close_reason is None:
-                        self.live.close_reason = OfflineReason.STORE_UNAVAILABLE
-                    waiter = self._waiter()
-                    if not waiter.done():
-                        waiter.set_result(None)
-                    return
-            self._acks.popleft()
-            if self.writer is not None:
-                self.writer.write(bytes((first_byte, 2)) + packet_id.to_bytes(2, "big"))
+        """Write every acknowledgement at the head of the queue whose message is stored.
+
+        They leave in one write: one TLS record and one send() for a committed batch
+        instead of one per PUBACK (a batch commit resolves many futures at once, and the
+        first callback finds all of them done).
+        """
+        out = bytearray()
+        try:
+            while self._acks:
+                first_byte, packet_id, stored = self._acks[0]
+                if stored is not None:
+                    if not stored.done():
+                        return
+                    if stored.cancelled() or stored.exception() is not None:
+                        # Not stored: never acknowledge. Closing makes the device resend it.
+                        self._acks.clear()
+                        if self.live is not None and self.live.close_reason is None:
+                            self.live.close_reason = OfflineReason.STORE_UNAVAILABLE
+                        waiter = self._waiter()
+                        if not waiter.done():
+                            waiter.set_result(None)
+                        return
+                self._acks.popleft()
+                out += _ACK.pack(first_byte, 2, packet_id)
+        finally:
+            if out and self.writer is not None:
+                self.writer.write(bytes(out))
 
     async def _dispatch(self, packet_type: int, packet: Any) -> None:
         handlers: dict[int, Callable[[Any], Awaitable[None]]] = {
