@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from amqtt.adapters import BufferReader, StreamReaderAdapter
+from amqtt.adapters import BufferReader
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action as AmqttAction
 from amqtt.errors import AMQTTError, NoDataError
@@ -24,7 +24,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
-from gateway.broker.handler import ConnectRefused, Handler, WriterAdapter, read_frame
+from gateway.broker.handler import ConnectRefused, Handler, ReaderAdapter, WriterAdapter
 from gateway.broker.session import LiveSession, Peer, SessionHooks
 from gateway.config import MqttSettings
 from gateway.core import topics, wire
@@ -77,9 +77,8 @@ class _Broker(Broker):
     ) -> tuple[BrokerProtocolHandler, Session]:
         tag = writer.connection_tag
         try:
-            frame = await asyncio.wait_for(
-                read_frame(reader, self.settings.max_packet_bytes), self.settings.connect_timeout_s
-            )
+            # Through the connection's FrameReader: what arrived with CONNECT stays buffered.
+            frame = await asyncio.wait_for(reader.frames.next(), self.settings.connect_timeout_s)
             if frame is None:
                 raise NoDataError("connection closed before CONNECT")
             packet_type, flags, body = frame
@@ -121,7 +120,6 @@ class _Broker(Broker):
         live = self._live_session(decision, peer)
         handler.live = live
         handler.on_publish = self._on_publish
-        handler.max_packet_bytes = self.settings.max_packet_bytes
         handler.keepalive_factor = self.settings.keepalive_factor
         if self.settings.max_keepalive_s and (
             incoming.keep_alive == 0 or incoming.keep_alive > self.settings.max_keepalive_s
@@ -332,7 +330,9 @@ class MqttEngine:
         """Run one TLS connection until it ends. Never raises (errors are logged)."""
         adapter = WriterAdapter(writer, f"c{next(self._tags)}")
         try:
-            await self._broker.external_connected(StreamReaderAdapter(reader), adapter, "default")
+            await self._broker.external_connected(
+                ReaderAdapter(reader, self._broker.settings.max_packet_bytes), adapter, "default"
+            )
         except Exception:
             log.exception("session.crashed", conn=adapter.connection_tag)
         finally:

@@ -1,9 +1,10 @@
-"""One admitted connection: framing with a size limit, the reader loop (keep-alive,
-protocol checks, inline PUBLISH handling) and acknowledgements released by commits.
+"""One admitted connection: the reader loop (keep-alive, protocol checks, inline PUBLISH
+handling) and acknowledgements released by commits.
 
-Receives bytes from the TLS stream and a publish sink (the engine); hands each
-checked PUBLISH to the sink and writes PUBACK/PUBREC/PUBCOMP in arrival order once
-the future the sink returned resolves (gaps 2, 6, 7, 10, 11 of AMQTT-NOTES.md).
+Receives packets framed by the connection's `FrameReader` (`gateway.broker.frames`)
+and a publish sink (the engine); hands each checked PUBLISH to the sink and writes
+PUBACK/PUBREC/PUBCOMP in arrival order once the future the sink returned resolves
+(gaps 2, 6, 7, 10, 11 of AMQTT-NOTES.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 
+from gateway.broker.frames import FrameReader, IdleTimeout
 from gateway.broker.session import LiveSession
 from gateway.core import wire
 from gateway.core.presence import OfflineReason
@@ -79,19 +81,16 @@ class WriterAdapter(StreamWriterAdapter):
             self._stream_writer.transport.abort()
 
 
-async def read_frame(reader: StreamReaderAdapter, max_bytes: int) -> tuple[int, int, bytes] | None:
-    """One MQTT packet as (type, flags, body); None on a clean EOF between packets."""
-    try:
-        first = (await reader.read(1))[0]
-    except (asyncio.IncompleteReadError, IndexError):
-        return None
-    encoded = b""
-    while (decoded := wire.decode_remaining_length(encoded)) is None:
-        encoded += await reader.read(1)
-    length = decoded[0]
-    wire.check_size(length, max_bytes)
-    body = await reader.read(length) if length else b""
-    return first >> 4, first & 0x0F, body
+class ReaderAdapter(StreamReaderAdapter):
+    """amqtt's stream reader, carrying the connection's `FrameReader` from CONNECT to the end.
+
+    Every packet of the connection, CONNECT included, is read through ``frames``: the
+    bytes that arrived with CONNECT stay buffered there for the session's reader loop.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int) -> None:
+        super().__init__(reader)
+        self.frames = FrameReader(reader, max_bytes)
 
 
 class Handler(BrokerProtocolHandler):
@@ -99,7 +98,6 @@ class Handler(BrokerProtocolHandler):
 
     _disconnect_waiter: asyncio.Future[DisconnectPacket | None] | None
     live: LiveSession | None = None
-    max_packet_bytes: int = 1024 * 1024
     keepalive_factor: float = 1.5
     on_publish: Callable[[Handler, wire.PublishFields], Awaitable[asyncio.Future[None] | None]] | None = None
 
@@ -142,12 +140,15 @@ class Handler(BrokerProtocolHandler):
     async def _reader_loop(self) -> None:
         if self.session is None or self.reader is None or self._reader_ready is None:
             raise AMQTTError("handler started without a session")
+        if not isinstance(self.reader, ReaderAdapter):
+            raise AMQTTError("handler started without a framed reader")
+        frames = self.reader.frames
         keep_alive = self.session.keep_alive
-        timeout = keep_alive * self.keepalive_factor if keep_alive > 0 else None
+        frames.set_idle_limit(keep_alive * self.keepalive_factor if keep_alive > 0 else None)
         reason: OfflineReason | None = None
         self._reader_ready.set()
         try:
-            reason = await self._read_packets(self.reader, timeout)
+            reason = await self._read_packets(frames)
         except ProtocolViolation as exc:
             reason = OfflineReason.PROTOCOL_ERROR
             log.warning("session.protocol_violation", client_id=self.session.client_id, reason=exc.message)
@@ -164,18 +165,19 @@ class Handler(BrokerProtocolHandler):
             reason = OfflineReason.CONNECTION_LOST
             log.exception("session.crashed", client_id=self.session.client_id)
         finally:
+            frames.close()
             if reason is not None and self.live is not None and self.live.close_reason is None:
                 self.live.close_reason = reason
             await self.handle_connection_closed()
             self._reader_stopped.set()
         await self.stop()
 
-    async def _read_packets(self, reader: Any, idle_limit_s: float | None) -> OfflineReason | None:
+    async def _read_packets(self, frames: FrameReader) -> OfflineReason | None:
         """Read and handle packets until the session ends; the reason when the gateway ends it."""
         while True:
             try:
-                frame = await asyncio.wait_for(read_frame(reader, self.max_packet_bytes), idle_limit_s)
-            except TimeoutError:
+                frame = await frames.next()
+            except IdleTimeout:
                 return OfflineReason.KEEPALIVE_TIMEOUT
             if frame is None:
                 return None

@@ -59,19 +59,21 @@ def violation(message: str) -> ProtocolViolation:
 MAX_LENGTH_BYTES = 4  # the Remaining Length takes at most four bytes (MQTT 2.2.3)
 
 
-def decode_remaining_length(encoded: bytes) -> tuple[int, int] | None:
-    """The Remaining Length at the start of `encoded` and the bytes it took; None while more are needed.
+def decode_remaining_length(encoded: bytes, offset: int = 0) -> tuple[int, int] | None:
+    """The Remaining Length at `offset` in `encoded` and the bytes it took; None while more are needed.
 
-    Framing shells read the fixed header byte by byte and ask this after each byte, so
-    the rule lives here once. More than four bytes is a violation.
+    Framing shells ask this of whatever they have buffered (byte by byte or a whole
+    chunk), so the rule lives here once. More than four bytes is a violation.
     """
     length, multiplier = 0, 1
-    for used, byte in enumerate(encoded[:MAX_LENGTH_BYTES], start=1):
+    end = min(len(encoded), offset + MAX_LENGTH_BYTES)
+    for index in range(offset, end):
+        byte = encoded[index]
         length += (byte & 0x7F) * multiplier
         if not byte & 0x80:
-            return length, used
+            return length, index + 1 - offset
         multiplier *= 128
-    if len(encoded) >= MAX_LENGTH_BYTES:
+    if end - offset >= MAX_LENGTH_BYTES:
         raise violation("remaining length longer than 4 bytes")
     return None
 
@@ -80,6 +82,28 @@ def check_size(length: int, max_bytes: int) -> None:
     """Refuse a packet whose body is larger than the configured limit, before reading it."""
     if length > max_bytes:
         raise violation(f"packet of {length} bytes exceeds the {max_bytes}-byte limit")
+
+
+def frame_header(buf: bytes, pos: int, max_bytes: int) -> tuple[int, int, int] | None:
+    """The packet starting at `pos` in `buf`: (first byte, body start, body end); None while its
+    fixed header is incomplete.
+
+    Answers as soon as the header is complete, before the body has arrived (the caller
+    compares body end with what it holds), and so refuses an oversize packet, or a
+    Remaining Length over four bytes, before its body is read.
+    """
+    if pos + 1 >= len(buf):
+        return None
+    second = buf[pos + 1]
+    if second < 0x80:  # the common case: a body under 128 bytes, a one-byte length
+        length, start = second, pos + 2
+    else:
+        decoded = decode_remaining_length(buf, pos + 1)
+        if decoded is None:
+            return None
+        length, start = decoded[0], pos + 1 + decoded[1]
+    check_size(length, max_bytes)
+    return buf[pos], start, start + length
 
 
 def encode_frame(packet_type: int, flags: int, body: bytes) -> bytes:
