@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
 import gateway
 from gateway.api import audit, credentials, data, errors
@@ -19,27 +21,60 @@ from gateway.api.schemas import (
     Registered,
     RegisterIn,
     Success,
+    SummaryEnvelope,
     device_out,
+    summary_out,
     when,
 )
+from gateway.core import device_fields, listing
 from gateway.core.clock import parse_duration, utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
-from gateway.core.records import SORTABLE_FIELDS, DeviceQuery
+from gateway.core.records import DeviceQuery
 from gateway.errors import InvalidValue, StoreUnavailable
 
+Text = Annotated[str | None, Query(max_length=200)]
 
-def _sort(raw: str | None) -> tuple[str, ...]:
-    if not raw:
-        return ("created_at",)
-    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
-    bad = [key for key in keys if key.lstrip("-") not in SORTABLE_FIELDS]
-    if bad:
-        raise InvalidValue(
-            f"cannot sort by {', '.join(bad)}; sortable: {', '.join(sorted(SORTABLE_FIELDS))}",
-            code="invalid_sort",
-        )
-    return keys
+
+def device_filters(
+    search: Annotated[str | None, Query(max_length=200, description="in name or id, any case")] = None,
+    blocked: Literal["all", "hide", "only"] = "all",
+    status: Literal["pending", "active", "inactive", "maintenance", "revoked"] | None = None,
+    connection: Literal["online", "offline"] | None = None,
+    tag: Annotated[list[str] | None, Query(description="has this tag; repeat: has them all")] = None,
+    location_id: Annotated[
+        list[str] | None, Query(description="placed in this location; repeat: in them all")
+    ] = None,
+    application: Text = None,
+    manufacturer: Text = None,
+    model: Text = None,
+    cert_expires_within: Annotated[
+        str | None, Query(description="newest valid certificate ends within, e.g. 30d, 12h")
+    ] = None,
+    last_seen_before: Annotated[
+        datetime | None, Query(description="ISO 8601; last packet before then (never seen: not listed)")
+    ] = None,
+) -> DeviceQuery:
+    """The filters shared by the listing and the summary, parsed once."""
+    expires_before = utcnow() + parse_duration(cert_expires_within) if cert_expires_within else None
+    if last_seen_before is not None and last_seen_before.tzinfo is None:
+        last_seen_before = last_seen_before.replace(tzinfo=UTC)
+    return DeviceQuery(
+        search=search,
+        blocked=blocked,
+        status=DeviceStatus(status) if status else None,
+        connection=Connection(connection) if connection else None,
+        tags=tuple(device_fields.parse_label(t, "tag") for t in tag or ()),
+        location_ids=tuple(device_fields.parse_label(loc, "location_id") for loc in location_id or ()),
+        application=application,
+        manufacturer=manufacturer,
+        model=model,
+        cert_expires_before=expires_before,
+        last_seen_before=last_seen_before,
+    )
+
+
+Filters = Annotated[DeviceQuery, Depends(device_filters)]
 
 
 def build_router() -> APIRouter:
@@ -56,33 +91,41 @@ def build_router() -> APIRouter:
     @r.get("/devices", response_model=DeviceList, dependencies=[READ], tags=["devices"])
     async def list_devices(
         request: Request,
-        search: Annotated[str | None, Query(max_length=200, description="in name or id, any case")] = None,
-        blocked: Literal["all", "hide", "only"] = "all",
-        status: Literal["pending", "active", "inactive", "maintenance", "revoked"] | None = None,
-        connection: Literal["online", "offline"] | None = None,
-        cert_expires_within: Annotated[
-            str | None, Query(description="newest valid certificate ends within, e.g. 30d, 12h")
-        ] = None,
+        filters: Filters,
         sort: Annotated[
-            str | None, Query(description="fields, '-' for descending, e.g. -last_seen_at,name")
+            str | None,
+            Query(description="fields, '-' for descending, e.g. -last_seen_at,name; empty values last"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
+        cursor: Annotated[
+            str | None, Query(max_length=4096, description="`next` of the previous page (same sort)")
+        ] = None,
     ) -> DeviceList:
-        """List devices with filters, sorting and paging."""
-        expires_before = utcnow() + parse_duration(cert_expires_within) if cert_expires_within else None
-        query = DeviceQuery(
-            search=search,
-            blocked=blocked,
-            status=DeviceStatus(status) if status else None,
-            connection=Connection(connection) if connection else None,
-            cert_expires_before=expires_before,
-            sort=_sort(sort),
+        """List devices with filters, sorting and paging (by offset, or by cursor: stable under inserts)."""
+        keys = listing.parse_sort(sort)
+        if cursor and offset:
+            raise InvalidValue("pass either cursor or offset, not both", code="invalid_cursor")
+        query = dataclasses.replace(
+            filters,
+            sort=keys,
             limit=limit,
             offset=offset,
+            after=listing.Cursor.decode(cursor, keys) if cursor else None,
         )
-        found, total = await context(request).devices.find(query)
-        return DeviceList(data=[device_out(d) for d in found], total=total, limit=limit, offset=offset)
+        page = await context(request).devices.find(query)
+        return DeviceList(
+            data=[device_out(d) for d in page.devices],
+            total=page.total,
+            limit=limit,
+            offset=offset,
+            next=page.next.encode() if page.next else None,
+        )
+
+    @r.get("/devices/summary", response_model=SummaryEnvelope, dependencies=[READ], tags=["devices"])
+    async def summary(request: Request, filters: Filters) -> SummaryEnvelope:
+        """Counts by status, connection, blocked, application, model, firmware; expiring certificates."""
+        return SummaryEnvelope(data=summary_out(await context(request).devices.summary(filters)))
 
     @r.post("/devices/provision", response_model=ProvisionOut, tags=["provisioning"])
     async def provision(body: ProvisionIn, request: Request) -> ProvisionOut:
@@ -102,13 +145,13 @@ def build_router() -> APIRouter:
 
     @r.patch("/devices/{device_id}", response_model=DeviceEnvelope, dependencies=[WRITE], tags=["devices"])
     async def patch(device_id: str, body: PatchIn, request: Request) -> DeviceEnvelope:
-        """Rename and/or change status (``inactive`` cuts a live session at once)."""
-        service = context(request).devices
-        device = await service.get(device_id)
-        if body.name is not None:
-            device = await service.rename(device_id, body.name)
-        if body.status is not None:
-            device = await service.request_status(device_id, DeviceStatus(body.status))
+        """Change name, status (``inactive`` cuts a live session at once) and the detail fields."""
+        device = await context(request).devices.patch(
+            device_id,
+            name=body.name,
+            status=DeviceStatus(body.status) if body.status else None,
+            details=body.details(),
+        )
         return DeviceEnvelope(data=device_out(device))
 
     @r.post(

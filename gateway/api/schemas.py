@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.core import device_fields
 from gateway.core.clock import iso
-from gateway.core.records import DeviceRecord
+from gateway.core.records import DeviceRecord, DeviceSummary
 
 
 class RequestBody(BaseModel):
@@ -45,6 +46,11 @@ class DeviceOut(BaseModel):
     os_version: str | None
     firmware_version: str | None
     certificate: CertificateOut | None
+    description: str | None
+    tags: list[str]
+    location_ids: list[str]
+    metadata: dict[str, Any]
+    settings: dict[str, Any]
 
 
 def device_out(device: DeviceRecord) -> DeviceOut:
@@ -77,6 +83,11 @@ def device_out(device: DeviceRecord) -> DeviceOut:
             fingerprint_sha256=cert.fingerprint_sha256,
             not_after=iso(cert.not_after) or "",
         ),
+        description=device.description,
+        tags=list(device.tags),
+        location_ids=list(device.location_ids),
+        metadata=device.metadata,
+        settings=device.settings,
     )
 
 
@@ -89,6 +100,45 @@ class DeviceList(BaseModel):
     total: int
     limit: int
     offset: int
+    next: str | None = Field(description="cursor of the next page (pass it as `cursor`); null on the last")
+
+
+class Counted(BaseModel):
+    value: str | None
+    count: int
+
+
+class SummaryOut(BaseModel):
+    total: int
+    status: dict[str, int]
+    connection: dict[str, int]
+    blocked: dict[str, int] = Field(description='{"blocked": n, "unblocked": n}')
+    application: list[Counted] = Field(description="most common first (at most 100 values)")
+    model: list[Counted]
+    firmware_version: list[Counted]
+    certificates_expiring: dict[str, int] = Field(
+        description='devices whose newest valid certificate ends within {"7d", "30d"} (expired included)'
+    )
+
+
+class SummaryEnvelope(BaseModel):
+    data: SummaryOut
+
+
+def summary_out(summary: DeviceSummary) -> SummaryOut:
+    def counted(groups: list[tuple[str | None, int]]) -> list[Counted]:
+        return [Counted(value=value, count=count) for value, count in groups]
+
+    return SummaryOut(
+        total=summary.total,
+        status=summary.status,
+        connection=summary.connection,
+        blocked={"blocked": summary.blocked, "unblocked": summary.total - summary.blocked},
+        application=counted(summary.application),
+        model=counted(summary.model),
+        firmware_version=counted(summary.firmware_version),
+        certificates_expiring=summary.certificates_expiring,
+    )
 
 
 class RegisterIn(RequestBody):
@@ -105,8 +155,23 @@ class Registered(BaseModel):
 
 
 class PatchIn(RequestBody):
+    """Fields present are changed (null clears a detail field); absent ones are kept."""
+
     name: str | None = Field(default=None, min_length=1, max_length=200)
     status: Literal["active", "inactive", "maintenance"] | None = None
+    description: str | None = Field(default=None, description="up to 1,000 characters; null clears")
+    tags: list[str] | None = Field(default=None, description="replaces the set; [] or null clears")
+    location_ids: list[str] | None = Field(default=None, description="replaces the set; [] or null clears")
+    metadata: dict[str, Any] | None = Field(default=None, description="free-form JSON object, replaced")
+    settings: dict[str, Any] | None = Field(
+        default=None, description="per-integration settings (JSON object), replaced"
+    )
+
+    def details(self) -> dict[str, object]:
+        """The detail fields the request names (for `gateway.core.device_fields.parse_details`)."""
+        return {
+            name: getattr(self, name) for name in device_fields.DETAIL_FIELDS if name in self.model_fields_set
+        }
 
 
 class ProvisionIn(RequestBody):

@@ -6,11 +6,13 @@ API and CLI serialise them. Field names are the contract's (DESIGN.md §6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from gateway.core.admission import CertificateKind
 from gateway.core.lifecycle import DeviceStatus
+from gateway.core.listing import DEFAULT_SORT, SORT_FIELDS, Cursor
 from gateway.core.presence import Connection
 
 
@@ -47,6 +49,12 @@ class DeviceRecord:
     os_version: str | None = None
     firmware_version: str | None = None
     certificate: CertificateSummary | None = None
+    # operator-managed (rules in gateway.core.device_fields)
+    description: str | None = None
+    tags: tuple[str, ...] = ()
+    location_ids: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,33 +106,50 @@ class ApiTokenRecord:
 
 @dataclass(frozen=True, slots=True)
 class DeviceQuery:
-    """Filters, order and page of a device listing (validated by the API/CLI layer)."""
+    """Filters, order and page of a device listing (values parsed by the API/CLI layer).
 
-    search: str | None = None
+    Every filter narrows: repeated tags or location ids must all be present.
+    """
+
+    search: str | None = None  # in name or id, any case
     blocked: str = "all"  # all | hide | only
     status: DeviceStatus | None = None
     connection: Connection | None = None
+    tags: tuple[str, ...] = ()
+    location_ids: tuple[str, ...] = ()
+    application: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
     cert_expires_before: datetime | None = None  # newest valid certificate ends by then
-    sort: tuple[str, ...] = ("created_at",)  # field names, "-" prefix for descending
+    last_seen_before: datetime | None = None  # seen, last, before then (never seen: not listed)
+    sort: tuple[str, ...] = DEFAULT_SORT  # field names, "-" prefix for descending (core.listing)
     limit: int = 100
     offset: int = 0
+    after: Cursor | None = None  # the previous page's end (keyset paging)
 
 
-SORTABLE_FIELDS = frozenset(
-    {
-        "id",
-        "name",
-        "status",
-        "connection",
-        "blocked",
-        "created_at",
-        "updated_at",
-        "last_connected_at",
-        "last_disconnected_at",
-        "last_seen_at",
-        "last_data_at",
-    }
-)
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    devices: list[DeviceRecord]
+    total: int  # every device the filters match
+    next: Cursor | None  # where the next page starts; None when this page is the last
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSummary:
+    """Counts over the devices a query's filters match (its order and page are ignored)."""
+
+    total: int
+    status: dict[str, int]
+    connection: dict[str, int]
+    blocked: int
+    application: list[tuple[str | None, int]]  # most common first
+    model: list[tuple[str | None, int]]
+    firmware_version: list[tuple[str | None, int]]
+    certificates_expiring: dict[str, int]  # "7d", "30d": newest valid certificate ends within
+
+
+SORTABLE_FIELDS = frozenset(SORT_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,18 +65,48 @@ class Device(Base):
     last_connected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     disconnect_reason: Mapped[str | None] = mapped_column(String(32))
-    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     last_data_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     client_ip: Mapped[str | None] = mapped_column(String(64))
     connected_serial: Mapped[str | None] = mapped_column(String(64))
     # identification, reported by the device (devices/{id}/info)
-    manufacturer: Mapped[str | None] = mapped_column(String(200))
-    model: Mapped[str | None] = mapped_column(String(200))
-    application: Mapped[str | None] = mapped_column(String(200))
+    manufacturer: Mapped[str | None] = mapped_column(String(200), index=True)
+    model: Mapped[str | None] = mapped_column(String(200), index=True)
+    application: Mapped[str | None] = mapped_column(String(200), index=True)
     application_version: Mapped[str | None] = mapped_column(String(100))
     os: Mapped[str | None] = mapped_column(String(100))
     os_version: Mapped[str | None] = mapped_column(String(100))
-    firmware_version: Mapped[str | None] = mapped_column(String(100))
+    firmware_version: Mapped[str | None] = mapped_column(String(100), index=True)
+    # operator-managed (gateway.core.device_fields); tags and locations in their own tables
+    description: Mapped[str | None] = mapped_column(Text)
+    metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+    settings_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+
+
+class DeviceTag(Base):
+    """A device's tags, one row each, so that filtering by tag is an index lookup."""
+
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index("ix_device_tags_tag", "tag", "device_id"),)
+
+
+class DeviceLocation(Base):
+    """The locations a device is placed in, one row each (filtering is an index lookup)."""
+
+    __tablename__ = "device_locations"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    location_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index("ix_device_locations_location", "location_id", "device_id"),)
 
 
 class Certificate(Base):

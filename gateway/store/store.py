@@ -12,6 +12,7 @@ gateway instances sharing one PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -19,13 +20,11 @@ from typing import Any, cast
 from sqlalchemy import (
     Row,
     Table,
-    and_,
     delete,
     event,
     func,
     insert,
     inspect,
-    or_,
     select,
     text,
     update,
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.schema import CreateColumn
 
+from gateway.core import device_fields
 from gateway.core.admission import CertificateKind
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus
@@ -44,20 +44,23 @@ from gateway.core.presence import Connection, OfflineReason, StatusChange
 from gateway.core.records import (
     ApiTokenRecord,
     CertificateSummary,
+    DevicePage,
     DeviceQuery,
     DeviceRecord,
+    DeviceSummary,
 )
 from gateway.errors import Conflict, NotFound, StoreUnavailable
-from gateway.store.credentials import CredentialStore, latest_valid_not_after
-from gateway.store.models import ApiToken, Base, Certificate, Device
+from gateway.store import listing
+from gateway.store.credentials import CredentialStore
+from gateway.store.models import ApiToken, Base, Certificate, Device, DeviceLocation, DeviceTag
 
 devices = cast(Table, Device.__table__)
 certificates = cast(Table, Certificate.__table__)
 api_tokens = cast(Table, ApiToken.__table__)
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+device_tags = cast(Table, DeviceTag.__table__)
+device_locations = cast(Table, DeviceLocation.__table__)
+# Detail fields kept outside the devices row: field -> (table, value column).
+_LABEL_TABLES = {"tags": (device_tags, "tag"), "location_ids": (device_locations, "location_id")}
 
 
 class Store:
@@ -85,6 +88,7 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
             await conn.run_sync(_add_missing_columns)
+            await conn.run_sync(_add_missing_indexes)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -126,8 +130,31 @@ class Store:
         row = (await conn.execute(select(devices).where(devices.c.id == device_id))).one_or_none()
         if row is None:
             raise NotFound(f"device {device_id} not found", code="device_not_found")
-        summaries = await self._certificate_summaries(conn, [device_id])
-        return _device_record(row, summaries.get(device_id))
+        return (await self._records(conn, [row]))[0]
+
+    async def _records(self, conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[DeviceRecord]:
+        """Device rows as records, with their certificate, tags and locations (one query each)."""
+        ids = [row.id for row in rows]
+        summaries = await self._certificate_summaries(conn, ids)
+        labels: dict[str, dict[str, list[str]]] = {name: {} for name in _LABEL_TABLES}
+        if ids:
+            for name, (table, column) in _LABEL_TABLES.items():
+                found = await conn.execute(
+                    select(table.c.device_id, table.c[column])
+                    .where(table.c.device_id.in_(ids))
+                    .order_by(table.c.device_id, table.c[column])
+                )
+                for device_id, value in found:
+                    labels[name].setdefault(device_id, []).append(value)
+        return [
+            _device_record(
+                row,
+                summaries.get(row.id),
+                tuple(labels["tags"].get(row.id, ())),
+                tuple(labels["location_ids"].get(row.id, ())),
+            )
+            for row in rows
+        ]
 
     async def _certificate_summaries(
         self, conn: AsyncConnection, device_ids: Sequence[str]
@@ -153,50 +180,43 @@ class Store:
             row.subject: CertificateSummary(row.serial, row.fingerprint_sha256, row.not_after) for row in rows
         }
 
-    async def list_devices(self, query: DeviceQuery) -> tuple[list[DeviceRecord], int]:
-        conditions: list[Any] = []
-        if query.search:
-            pattern = f"%{_escape_like(query.search.lower())}%"
-            conditions.append(
-                or_(
-                    devices.c.name_lower.like(pattern, escape="\\"),
-                    func.lower(devices.c.id).like(pattern, escape="\\"),
-                )
-            )
-        if query.blocked == "hide":
-            conditions.append(devices.c.blocked.is_(False))
-        elif query.blocked == "only":
-            conditions.append(devices.c.blocked.is_(True))
-        if query.status is not None:
-            conditions.append(devices.c.status == query.status.value)
-        if query.connection is not None:
-            conditions.append(devices.c.connection == query.connection.value)
-        if query.cert_expires_before is not None:
-            newest = latest_valid_not_after().subquery()
-            conditions.append(
-                devices.c.id.in_(
-                    select(newest.c.subject).where(newest.c.not_after <= query.cert_expires_before)
-                )
-            )
-        where = and_(True, *conditions)
-        order = []
-        for key in query.sort:
-            column = devices.c[key.lstrip("-")]
-            order.append(column.desc() if key.startswith("-") else column.asc())
-        order.append(devices.c.id.asc())  # stable paging
+    async def list_devices(self, query: DeviceQuery) -> DevicePage:
+        """One page of the devices the filters match, in order; `next` when more follow."""
+        where = listing.conditions(query)
+        page = where if query.after is None else listing.after(query.after) & where
         async with self.engine.connect() as conn:
             total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
             rows = (
                 await conn.execute(
-                    select(devices).where(where).order_by(*order).limit(query.limit).offset(query.offset)
+                    select(devices)
+                    .where(page)
+                    .order_by(*listing.order_by(query.sort))
+                    .limit(query.limit + 1)  # one more: is there a next page?
+                    .offset(query.offset)
                 )
             ).all()
-            summaries = await self._certificate_summaries(conn, [row.id for row in rows])
-        return [_device_record(row, summaries.get(row.id)) for row in rows], int(total)
+            more, rows = len(rows) > query.limit, rows[: query.limit]
+            records = await self._records(conn, rows)
+        following = listing.cursor_of(rows[-1], query.sort) if more else None
+        return DevicePage(records, int(total), following)
+
+    async def device_summary(self, query: DeviceQuery, now: datetime) -> DeviceSummary:
+        """Counts over the devices the query's filters match (order and page ignored)."""
+        async with self.engine.connect() as conn:
+            return await listing.summary(conn, listing.conditions(query), now)
 
     async def update_device(self, device_id: str, now: datetime, **fields: Any) -> DeviceRecord:
-        """Set plain fields (name, blocked, identification) and ``updated_at``."""
+        """Set fields (name, blocked, identification, the detail fields) and ``updated_at``.
+
+        Detail fields arrive parsed (`gateway.core.device_fields`); tags and location ids
+        replace the device's whole set.
+        """
         values = dict(fields)
+        labels = {name: values.pop(name) for name in _LABEL_TABLES if name in values}
+        for name, column in (("metadata", "metadata_json"), ("settings", "settings_json")):
+            if name in values:
+                document = values.pop(name)
+                values[column] = device_fields.dump_json(document) if document else None
         if "name" in values:
             values["name_lower"] = str(values["name"]).lower()
         if "status" in values:
@@ -207,6 +227,13 @@ class Store:
             )
             if result.rowcount == 0:
                 raise NotFound(f"device {device_id} not found", code="device_not_found")
+            for name, chosen in labels.items():
+                table, column = _LABEL_TABLES[name]
+                await conn.execute(delete(table).where(table.c.device_id == device_id))
+                if chosen:
+                    await conn.execute(
+                        insert(table), [{"device_id": device_id, column: value} for value in chosen]
+                    )
             return await self._device(conn, device_id)
 
     async def change_status(
@@ -399,7 +426,9 @@ class Store:
             return int((await conn.execute(select(func.count()).select_from(api_tokens))).scalar_one())
 
 
-def _device_record(row: Row[Any], cert: CertificateSummary | None) -> DeviceRecord:
+def _device_record(
+    row: Row[Any], cert: CertificateSummary | None, tags: tuple[str, ...], location_ids: tuple[str, ...]
+) -> DeviceRecord:
     return DeviceRecord(
         id=row.id,
         name=row.name,
@@ -425,6 +454,11 @@ def _device_record(row: Row[Any], cert: CertificateSummary | None) -> DeviceReco
         os_version=row.os_version,
         firmware_version=row.firmware_version,
         certificate=cert,
+        description=row.description,
+        tags=tags,
+        location_ids=location_ids,
+        metadata=json.loads(row.metadata_json) if row.metadata_json else {},
+        settings=json.loads(row.settings_json) if row.settings_json else {},
     )
 
 
@@ -463,3 +497,13 @@ def _add_missing_columns(conn: SyncConnection) -> None:
     for table, column in missing:
         ddl = CreateColumn(column).compile(dialect=conn.dialect)
         conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+
+
+def _add_missing_indexes(conn: SyncConnection) -> None:
+    """Indexes a newer release added to an existing table (new tables got theirs from create_all)."""
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in present:
+                index.create(conn)
