@@ -104,6 +104,17 @@ class RetentionSettings(_Section):
     batch_size: int = Field(default=5_000, ge=1)  # rows deleted per transaction
 
 
+class HistorySettings(_Section):
+    """Connection history and connect failures (`gateway.history`, `gateway.failures`)."""
+
+    connections_days: float = Field(default=30, gt=0)  # sessions that ended longer ago are deleted
+    connections_per_device: int = Field(default=100, ge=1)  # newest sessions kept per device
+    failures_days: float = Field(default=30, gt=0)  # failure keys not seen for longer are deleted
+    failures_max_rows: int = Field(default=10_000, ge=1)  # failure keys kept (least recently seen go)
+    max_pending: int = Field(default=5_000, ge=1)  # held in memory between flushes (each kind)
+    flush_s: float = Field(default=1.0, gt=0)  # how often both are written, in batches
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, JSON otherwise
@@ -126,6 +137,7 @@ class Settings(BaseSettings):
     provisioning: ProvisioningSettings = Field(default_factory=ProvisioningSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("paths")
