@@ -24,7 +24,8 @@ and has a regression test in tests/integration/test_broker_gaps.py:
 
 Inside: `session` (what the rest of the gateway sees: `Peer`, `LiveSession`,
 `SessionHooks`; no amqtt), `frames` (packets out of the byte stream, with the
-keep-alive clock and fairness; no amqtt), `handler` (one connection: the reader loop
+keep-alive clock and fairness; no amqtt), `traffic` (bytes and messages of a connection,
+counted on its streams; no amqtt), `handler` (one connection: the reader loop
 and commit-gated acknowledgements), `engine` (amqtt's Broker with the gateway's connection
 flow, and `MqttEngine`, its face to the gateway). Only this package imports amqtt.
 """

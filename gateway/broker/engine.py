@@ -26,6 +26,7 @@ from amqtt.session import Session
 
 from gateway.broker.handler import ConnectRefused, Handler, ReaderAdapter, WriterAdapter
 from gateway.broker.session import LiveSession, Peer, SessionHooks
+from gateway.broker.traffic import TrafficCounter, counting_streams
 from gateway.config import MqttSettings
 from gateway.core import topics, wire
 from gateway.core.admission import Admitted, ConnectClaims, Refusal, Refused
@@ -63,6 +64,7 @@ class _Broker(Broker):
         self.settings = settings
         self.refused = 0
         self.dropped_offline = 0
+        self.traffic: dict[str, TrafficCounter] = {}  # connection tag -> its counters, while it lasts
 
     @property
     def _hooks(self) -> SessionHooks:
@@ -130,11 +132,12 @@ class _Broker(Broker):
             incoming, decision.session_key, live, remote_address, remote_port
         )
 
-    @staticmethod
-    def _live_session(decision: Admitted, peer: Peer) -> LiveSession:
-        return LiveSession(
+    def _live_session(self, decision: Admitted, peer: Peer) -> LiveSession:
+        live = LiveSession(
             decision.session_key, decision.principal, decision.certificate, peer, decision.check_in
         )
+        live.traffic = self.traffic.get(peer.connection_tag, live.traffic)
+        return live
 
     def _attach_session(
         self, incoming: Session, key: str, live: LiveSession, address: str, port: int
@@ -246,6 +249,7 @@ class _Broker(Broker):
         live, session = handler.live, handler.session
         if live is None or session is None:
             raise AMQTTError("publish on a handler without a session")
+        live.traffic.messages_in += 1
         if not live.may_publish(fields.topic):
             await self._hooks.message_denied(live, fields.topic)
             return None
@@ -328,7 +332,10 @@ class MqttEngine:
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Run one TLS connection until it ends. Never raises (errors are logged)."""
+        counter = TrafficCounter()
+        reader, writer = counting_streams(reader, writer, counter)
         adapter = WriterAdapter(writer, f"c{next(self._tags)}")
+        self._broker.traffic[adapter.connection_tag] = counter
         try:
             await self._broker.external_connected(
                 ReaderAdapter(reader, self._broker.settings.max_packet_bytes), adapter, "default"
@@ -336,6 +343,7 @@ class MqttEngine:
         except Exception:
             log.exception("session.crashed", conn=adapter.connection_tag)
         finally:
+            self._broker.traffic.pop(adapter.connection_tag, None)
             await adapter.close()
 
     async def kick(self, key: str, reason: OfflineReason, *, wait_s: float = 2.0) -> bool:

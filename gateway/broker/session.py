@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.broker.traffic import TrafficCounter
 from gateway.core import topics
 from gateway.core.admission import CertificateIdentity, ConnectClaims, Decision
 from gateway.core.presence import OfflineReason
@@ -34,6 +35,7 @@ class LiveSession:
     epoch: int | None = None  # set by the presence service when the session goes online
     close_reason: OfflineReason | None = None
     last_packet_at: float = 0.0  # time.time() of the last packet read (flushed to last_seen_at)
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)  # the connection's, from the engine
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     _publish_acl: dict[str, bool] = field(default_factory=dict)
 
