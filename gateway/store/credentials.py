@@ -116,11 +116,8 @@ class CredentialStore:
     # --- certificates -----------------------------------------------------------------
 
     async def add_certificate(self, cert: NewCertificate, now: datetime) -> None:
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(insert(certificates).values(created_at=now, **_cert_values(cert)))
-        except IntegrityError as exc:
-            raise Conflict("this certificate is already registered", code="certificate_exists") from exc
+        async with self.engine.begin() as conn:
+            await insert_certificate(conn, cert, now)
 
     async def renew(
         self,
@@ -313,6 +310,14 @@ async def _revoke(conn: AsyncConnection, match: Any, now: datetime) -> list[str]
             update(certificates).where(certificates.c.serial.in_(serials)).values(revoked_at=now)
         )
     return list(serials)
+
+
+async def insert_certificate(conn: AsyncConnection, cert: NewCertificate, now: datetime) -> None:
+    """Record `cert` in the caller's transaction; Conflict when it is registered already."""
+    try:
+        await conn.execute(insert(certificates).values(created_at=now, **_cert_values(cert)))
+    except IntegrityError as exc:
+        raise Conflict("this certificate is already registered", code="certificate_exists") from exc
 
 
 def _cert_values(cert: NewCertificate) -> dict[str, Any]:

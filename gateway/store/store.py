@@ -48,10 +48,11 @@ from gateway.core.records import (
     DeviceQuery,
     DeviceRecord,
     DeviceSummary,
+    NewCertificate,
 )
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.store import listing
-from gateway.store.credentials import CredentialStore
+from gateway.store.credentials import CredentialStore, insert_certificate
 from gateway.store.models import ApiToken, Base, Certificate, Device, DeviceLocation, DeviceTag
 
 devices = cast(Table, Device.__table__)
@@ -102,7 +103,10 @@ class Store:
 
     # --- devices -----------------------------------------------------------------
 
-    async def create_device(self, device_id: DeviceId, name: str, now: datetime) -> DeviceRecord:
+    async def create_device(
+        self, device_id: DeviceId, name: str, now: datetime, *, certificate: NewCertificate | None = None
+    ) -> DeviceRecord:
+        """A new ``pending`` device; with `certificate`, bound to it in the same transaction."""
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(
@@ -118,6 +122,8 @@ class Store:
                         epoch=0,
                     )
                 )
+                if certificate is not None:
+                    await insert_certificate(conn, certificate, now)
                 return await self._device(conn, device_id.value)
         except IntegrityError as exc:
             raise Conflict(f"device {device_id} already exists", code="device_exists") from exc
