@@ -198,6 +198,36 @@ class DeviceService:
         )
         return await self._credentials.certificate(cert.serial)
 
+    async def adopt(self, name: str, device_id: str | None, pem: bytes) -> DeviceRecord:
+        """Register a device bound to a certificate of an external CA that was refused as unknown.
+
+        The approval of a connect failure (`gateway.failures`): the device is created with
+        that certificate in one transaction and checks in at its first connection. A
+        certificate of the gateway's own CA is refused: the CA issues only to registered
+        devices, so an unknown one means a registry restored from an older backup (or a
+        leaked CA key), and such a device is registered and enrolled with a token instead.
+        """
+        now = utcnow()
+        did = DeviceId(device_id) if device_id is not None else DeviceId.generate()
+        clean = clean_name(name)
+        if self._pki.issued_by_own_ca(pem):
+            raise Conflict(
+                "the certificate was issued by the gateway's own CA but is unknown to the registry "
+                "(restored database?); register the device and enroll it with a token instead",
+                code="own_ca_certificate",
+            )
+        cert = self._pki.external_certificate(pem, subject=did.value, now=now)
+        device = await self._store.create_device(did, clean, now, certificate=cert)
+        await self._changed(
+            "approved",
+            device.id,
+            None,
+            device,
+            certificate_serial=cert.serial,
+            fingerprint=cert.fingerprint_sha256,
+        )
+        return device
+
     # --- queries ------------------------------------------------------------------
 
     async def get(self, device_id: str) -> DeviceRecord:

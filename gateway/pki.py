@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
@@ -183,6 +184,15 @@ class Pki:
             pem=ca.certificate_pem(cert).decode("ascii"),
             source="attached",
         )
+
+    def issued_by_own_ca(self, data: bytes) -> bool:
+        """Is this PEM certificate signed by the gateway's own CA?"""
+        try:
+            cert = ca.load_certificate(data)
+            cert.verify_directly_issued_by(self.authority.certificate)
+        except (ca.CAError, ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            return False
+        return True
 
     @property
     def ca_pem(self) -> bytes:
