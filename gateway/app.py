@@ -41,6 +41,7 @@ from gateway.sessions import Gatekeeper
 from gateway.store import Store
 from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
+from gateway.tokens import ApiTokens
 
 log = get_logger("gateway.app")
 
@@ -83,11 +84,12 @@ async def initialise(settings: Settings) -> InitReport:
     store = Store(settings.database_url, busy_timeout_s=settings.database.busy_timeout_s)
     try:
         await store.create_schema()
-        if await store.count_api_tokens() == 0:
-            token = tokens.new_token(tokens.API_PREFIX)
-            await store.add_api_token("admin", tokens.hash_token(token), tokens.ALL_SCOPES, now)
-            write_secret(settings.admin_token_path, token)
-            report.admin_token = token
+        if await store.tokens.count() == 0:
+            created = await ApiTokens(store.tokens, Audit(AuditStore(store.engine))).create(
+                "admin", tokens.ALL_SCOPES
+            )
+            write_secret(settings.admin_token_path, created.value)
+            report.admin_token = created.value
             report.admin_token_path = settings.admin_token_path
             report.created.append("admin API token")
             log.info("init.admin_token_created", path=str(settings.admin_token_path))

@@ -3,7 +3,8 @@
     GatewayError
     ├── ConfigError            settings unreadable or invalid
     ├── InvalidValue           a value object refused its input (ids, topics, payloads)
-    │   └── ProtocolViolation  an MQTT packet breaks the 3.1.1 rules: the connection is closed
+    │   ├── ProtocolViolation  an MQTT packet breaks the 3.1.1 rules: the connection is closed
+    │   └── RowsRejected       rows of a bulk request refused, each with its reason (``rows``)
     ├── NotFound               a device / token / certificate does not exist
     ├── Conflict               the request clashes with current state (duplicate id, final status)
     ├── InvalidTransition      a lifecycle change the table does not allow
@@ -18,6 +19,8 @@ statuses in one table (`gateway.api.errors`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -42,6 +45,16 @@ class InvalidValue(GatewayError):
 
 class ProtocolViolation(InvalidValue):
     code = "protocol_violation"
+
+
+class RowsRejected(InvalidValue):
+    """A bulk request refused as a whole; `rows` says which rows and why (``row``, ``code``, ...)."""
+
+    code = "invalid_rows"
+
+    def __init__(self, message: str, *, rows: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 class NotFound(GatewayError):
@@ -77,6 +90,9 @@ class ApiError(GatewayError):
 
     code = "api_error"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int = 0) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, status: int = 0, detail: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.detail = detail or {}  # the whole ``error`` object of the response (e.g. its ``rows``)

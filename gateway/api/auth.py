@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.audit import set_actor
+from gateway.audit import Audit, set_actor
 from gateway.core import tokens
-from gateway.core.clock import utcnow
 from gateway.devices import DeviceService
 from gateway.errors import Forbidden, Unauthorized
 from gateway.pki import Pki
 from gateway.store import Store
 from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
+from gateway.tokens import ApiTokens
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ApiContext:
     data: DeviceData
     audit: AuditStore
     session_count: Callable[[], int]
+
+    @cached_property
+    def tokens(self) -> ApiTokens:
+        """Built from the store and the audit trail, once, so that every context has it."""
+        return ApiTokens(self.store.tokens, Audit(self.audit))
 
 
 def context(request: Request) -> ApiContext:
@@ -47,14 +53,12 @@ def require(scope: str) -> Any:
     ) -> None:
         if credentials is None or not credentials.credentials:
             raise Unauthorized("missing bearer token", code="unauthorized")
-        token = await context(request).store.find_api_token(
-            tokens.hash_token(credentials.credentials), utcnow()
-        )
+        token = await context(request).tokens.authenticate(credentials.credentials)
         if token is None:
             raise Unauthorized("invalid, expired or revoked token", code="unauthorized")
         if not tokens.allows(token.scopes, scope):
             raise Forbidden(f"this token lacks the {scope!r} scope", code="forbidden")
-        request.state.token_name = token.name
+        request.state.token_id, request.state.token_name = token.id, token.name
         set_actor(f"token:{token.name}")  # for the audit trail and the request's logs
 
     return Depends(check)

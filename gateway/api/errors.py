@@ -1,10 +1,13 @@
 """Errors on the wire: ``{"error": {"code", "message"}}`` with a fitting HTTP status.
 
 The one table mapping the gateway's exceptions to HTTP statuses (`STATUS`). Unknown
-exceptions become 500 with a generic message; their details go to the log only.
+exceptions become 500 with a generic message; their details go to the log only. A refused
+bulk request (`RowsRejected`) adds ``rows`` to the error: each row's number, code and reason.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +22,7 @@ from gateway.errors import (
     InvalidValue,
     NotFound,
     ProvisioningRefused,
+    RowsRejected,
     StoreUnavailable,
     Unauthorized,
 )
@@ -44,15 +48,18 @@ def status_of(exc: GatewayError) -> int:
     return next(status for cls, status in STATUS if isinstance(exc, cls))
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {"error": {"code": code, "message": message, **extra}}
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse(error_body(exc.code, exc.message), status_code=status_of(exc), headers=headers)
+        extra = {"rows": exc.rows} if isinstance(exc, RowsRejected) else {}
+        return JSONResponse(
+            error_body(exc.code, exc.message, **extra), status_code=status_of(exc), headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -100,8 +100,8 @@ class ApiClient:
                 error = response.json()["error"]
                 code, message = str(error["code"]), str(error["message"])
             except (ValueError, KeyError, TypeError):
-                code, message = "http_error", f"HTTP {response.status_code}: {response.text[:200]}"
-            raise ApiError(message, code=code, status=response.status_code)
+                error, code, message = {}, "http_error", f"HTTP {response.status_code}: {response.text[:200]}"
+            raise ApiError(message, code=code, status=response.status_code, detail=error)
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text

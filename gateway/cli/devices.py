@@ -12,7 +12,7 @@ import typer
 
 import ca
 from ca import files as ca_files
-from gateway.cli import renewal
+from gateway.cli import bulk, renewal
 from gateway.cli.client import ApiClient
 from gateway.cli.common import (
     fails_cleanly,
@@ -451,3 +451,8 @@ def delete(
         print_json(result)
     else:
         typer.echo(f"deleted {device_id}")
+
+
+# Bulk registration and export (gateway.cli.bulk).
+app.command("import")(bulk.import_devices)
+app.command("export")(bulk.export_devices)

@@ -1,5 +1,5 @@
 """Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``,
-``readings``, ``health``, ``simulate``."""
+``readings``, ``health``, ``simulate``, ``tokens``, ``audit``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 import gateway
-from gateway.cli import data, devices, operators, simulate, tail
+from gateway.cli import audit, data, devices, operators, simulate, tail, tokens
 from gateway.cli.common import State, fails_cleanly, print_json, settings_from
 
 # _SERVICE_ONLY: `init` and `serve` import the service (gateway.app: FastAPI, uvicorn,
@@ -129,6 +129,8 @@ app.command("tail")(tail.tail)
 app.command("readings")(data.readings)
 app.command("health")(data.health)
 app.command("simulate")(simulate.simulate)
+app.add_typer(tokens.app, name="tokens")
+app.command("audit")(audit.audit)
 
 
 def main() -> None:

@@ -149,12 +149,13 @@ class RegistrationToken(Base):
 
 
 class ApiToken(Base):
-    """Operator API tokens; only the SHA-256 of the token is stored."""
+    """Operator API tokens; only the SHA-256 of the token is stored. Never deleted, only revoked."""
 
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(100))
+    # Unique for good (revoked tokens keep theirs): the audit trail names the actor token:<name>.
+    name: Mapped[str] = mapped_column(String(100), unique=True, index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[str] = mapped_column(String(200))  # space separated
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,7 +1,8 @@
-"""The registry store: devices, presence and API tokens, over SQLAlchemy async.
+"""The registry store: devices and presence, over SQLAlchemy async.
 
 Certificates and registration tokens are in `gateway.store.credentials`
-(``Store.credentials``), device data in `gateway.store.data`.
+(``Store.credentials``), API tokens in `gateway.store.tokens` (``Store.tokens``), device
+data in `gateway.store.data`.
 
 Receives plain values from the services (ids, hashes, times, statuses already decided
 by the pure core) and hands back frozen records. Each public method is one
@@ -42,7 +43,6 @@ from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection, OfflineReason, StatusChange
 from gateway.core.records import (
-    ApiTokenRecord,
     CertificateSummary,
     DevicePage,
     DeviceQuery,
@@ -53,11 +53,11 @@ from gateway.core.records import (
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.store import listing
 from gateway.store.credentials import CredentialStore, insert_certificate
-from gateway.store.models import ApiToken, Base, Certificate, Device, DeviceLocation, DeviceTag
+from gateway.store.models import Base, Certificate, Device, DeviceLocation, DeviceTag
+from gateway.store.tokens import TokenStore
 
 devices = cast(Table, Device.__table__)
 certificates = cast(Table, Certificate.__table__)
-api_tokens = cast(Table, ApiToken.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_locations = cast(Table, DeviceLocation.__table__)
 # Detail fields kept outside the devices row: field -> (table, value column).
@@ -73,6 +73,7 @@ class Store:
         connect_args: dict[str, Any] = {"timeout": busy_timeout_s} if self.is_sqlite else {}
         self.engine: AsyncEngine = create_async_engine(url, connect_args=connect_args)
         self.credentials = CredentialStore(self.engine)
+        self.tokens = TokenStore(self.engine)
         if self.is_sqlite:
             sync = sqlite_synchronous
 
@@ -382,55 +383,6 @@ class Store:
                 )
             return changes
 
-    # --- API tokens ---------------------------------------------------------------------
-
-    async def add_api_token(
-        self,
-        name: str,
-        token_hash: str,
-        scopes: frozenset[str],
-        now: datetime,
-        expires_at: datetime | None = None,
-    ) -> ApiTokenRecord:
-        async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    insert(api_tokens)
-                    .values(
-                        name=name,
-                        token_hash=token_hash,
-                        scopes=" ".join(sorted(scopes)),
-                        created_at=now,
-                        expires_at=expires_at,
-                    )
-                    .returning(api_tokens)
-                )
-            ).one()
-        return _token_record(row)
-
-    async def find_api_token(self, token_hash: str, now: datetime) -> ApiTokenRecord | None:
-        """A usable token (not revoked, not expired), touching ``last_used_at`` at most once a minute."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(select(api_tokens).where(api_tokens.c.token_hash == token_hash))
-            ).one_or_none()
-        if (
-            row is None
-            or row.revoked_at is not None
-            or (row.expires_at is not None and row.expires_at <= now)
-        ):
-            return None
-        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(api_tokens).where(api_tokens.c.id == row.id).values(last_used_at=now)
-                )
-        return _token_record(row)
-
-    async def count_api_tokens(self) -> int:
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(api_tokens))).scalar_one())
-
 
 def _device_record(
     row: Row[Any], cert: CertificateSummary | None, tags: tuple[str, ...], location_ids: tuple[str, ...]
@@ -465,18 +417,6 @@ def _device_record(
         location_ids=location_ids,
         metadata=json.loads(row.metadata_json) if row.metadata_json else {},
         settings=json.loads(row.settings_json) if row.settings_json else {},
-    )
-
-
-def _token_record(row: Row[Any]) -> ApiTokenRecord:
-    return ApiTokenRecord(
-        id=int(row.id),
-        name=row.name,
-        scopes=frozenset(row.scopes.split()),
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        revoked_at=row.revoked_at,
-        last_used_at=row.last_used_at,
     )
 
 

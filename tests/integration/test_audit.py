@@ -81,7 +81,7 @@ async def test_audit_filters_and_paging(gateway: Harness) -> None:
     assert await audit(gateway, actor="token:someone-else") == []
     assert len(await audit(gateway, since=before.isoformat())) == 4
     assert await audit(gateway, until=before.isoformat()) == []
-    response = await gateway.api.get("/audit", params={"limit": 2, "offset": 2})
+    response = await gateway.api.get("/audit", params={"action": "device.", "limit": 2, "offset": 2})
     body = response.json()
     assert body["total"] == 4 and len(body["data"]) == 2
 
@@ -89,7 +89,7 @@ async def test_audit_filters_and_paging(gateway: Harness) -> None:
 async def test_only_admin_tokens_read_the_audit_trail(gateway: Harness) -> None:
     """A devices:write token may act (and is recorded by its name) but may not read the trail."""
     writer = tokens.new_token(tokens.API_PREFIX)
-    await gateway.app.store.add_api_token(
+    await gateway.app.store.tokens.add(
         "ops-bot", tokens.hash_token(writer), frozenset({tokens.WRITE}), utcnow()
     )
     headers = {"Authorization": f"Bearer {writer}"}

@@ -192,7 +192,7 @@ async def next_event(ops: MqttClient, kind: str, **fields: object) -> dict[str, 
 async def extra_token(gw: Harness, *scopes: str) -> dict[str, str]:
     """Authorization headers of a new API token with only `scopes`."""
     token = tokens.new_token(tokens.API_PREFIX)
-    await gw.app.store.add_api_token("limited", tokens.hash_token(token), frozenset(scopes), utcnow())
+    await gw.app.store.tokens.add("limited", tokens.hash_token(token), frozenset(scopes), utcnow())
     return {"Authorization": f"Bearer {token}"}
 
 

@@ -497,8 +497,8 @@ async def test_a_read_token_lists_but_cannot_write(gateway: Harness, api: httpx.
     await register(api, "pump-1", "Pump")
     reader, writer = tokens.new_token(tokens.API_PREFIX), tokens.new_token(tokens.API_PREFIX)
     store = gateway.app.store
-    await store.add_api_token("reader", tokens.hash_token(reader), frozenset({tokens.READ}), utcnow())
-    await store.add_api_token("writer", tokens.hash_token(writer), frozenset({tokens.WRITE}), utcnow())
+    await store.tokens.add("reader", tokens.hash_token(reader), frozenset({tokens.READ}), utcnow())
+    await store.tokens.add("writer", tokens.hash_token(writer), frozenset({tokens.WRITE}), utcnow())
     read = {"Authorization": f"Bearer {reader}"}
     for path in ("/devices", "/devices/summary", "/devices/pump-1"):
         assert (await api.get(path, headers=read)).status_code == 200, path

@@ -671,8 +671,8 @@ async def test_data_routes_need_the_read_scope(gateway: Harness) -> None:
     device_id, _ = await gateway.register()
     now = utcnow()
     reader, nobody = tokens.new_token(tokens.API_PREFIX), tokens.new_token(tokens.API_PREFIX)
-    await gateway.app.store.add_api_token("reader", tokens.hash_token(reader), frozenset({tokens.READ}), now)
-    await gateway.app.store.add_api_token("nobody", tokens.hash_token(nobody), frozenset(), now)
+    await gateway.app.store.tokens.add("reader", tokens.hash_token(reader), frozenset({tokens.READ}), now)
+    await gateway.app.store.tokens.add("nobody", tokens.hash_token(nobody), frozenset(), now)
     paths = [f"/devices/{device_id}/{route}" for route in DATA_ROUTES] + ["/sensors"]
     for path in paths:
         bare = await gateway.api.get(path, headers={"Authorization": ""})
