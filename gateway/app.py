@@ -248,6 +248,7 @@ class GatewayApp:
         await api_stopped
         await self.listener.wait_connections_closed(grace_s=5)
         await self.engine.stop()
+        await self.data.close()
         await self.store.close()
         log.info("gateway.stopped", sessions_closed=closed, swept=swept)
 
