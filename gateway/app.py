@@ -29,6 +29,8 @@ from gateway.core.presence import OfflineReason
 from gateway.credentials import CertificateLifecycle, Revocations
 from gateway.devices import DeviceService
 from gateway.events import Events
+from gateway.failures import ConnectFailures
+from gateway.history import ConnectionHistory, run_periodically
 from gateway.ingest import Ingest
 from gateway.listener import MqttListener
 from gateway.logs import get_logger
@@ -41,6 +43,8 @@ from gateway.sessions import Gatekeeper
 from gateway.store import Store
 from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
+from gateway.store.failures import FailureStore
+from gateway.store.history import HistoryStore
 from gateway.tokens import ApiTokens
 
 log = get_logger("gateway.app")
@@ -113,6 +117,9 @@ class GatewayApp:
         self.data = DeviceData(self.store.engine)
         self.ingest = Ingest(self.data, self.events, settings.ingest, last_seen=self._last_seen)
         self.retention = Retention(self.data, settings.retention)
+        self.history = ConnectionHistory(
+            HistoryStore(self.store.engine), settings.history, live=self.engine.live_sessions
+        )
         self.provisioning: ProvisioningListener | None = None  # only when provisioning.mqtt_enabled
         self._background: list[asyncio.Task[None]] = []
         self._started = False
@@ -138,10 +145,20 @@ class GatewayApp:
             token_ttl=timedelta(hours=self.settings.provisioning.token_ttl_hours),
             device_validity=ca_settings.device_validity,
         )
-        self.gatekeeper = Gatekeeper(self.store, self.presence, self.events, self.ingest, self.certificates)
+        self.failures = ConnectFailures(FailureStore(self.store.engine), self.devices, self.settings.history)
+        self.gatekeeper = Gatekeeper(
+            self.store,
+            self.presence,
+            self.events,
+            self.ingest,
+            self.certificates,
+            self.history,
+            self.failures,
+        )
         await self.ingest.start()
         await self.engine.start(self.gatekeeper)
         recovered = await self.presence.recover()
+        await self.history.recover()
         await self.revocations.refresh()
         self.listener = MqttListener(self.engine, self.tls, self.settings.mqtt)
         await self.listener.start()
@@ -162,6 +179,8 @@ class GatewayApp:
                 data=self.data,
                 audit=self.audit_store,
                 session_count=lambda: self.engine.connected_count,
+                history=self.history,
+                failures=self.failures,
             )
         )
         self.api = ApiServer(
@@ -176,6 +195,14 @@ class GatewayApp:
             asyncio.create_task(self._refresh_crl_periodically(), name="crl-refresh"),
             asyncio.create_task(self._announce_expiring_daily(), name="certificate-expiry"),
             asyncio.create_task(self.retention.run(), name="retention"),
+            asyncio.create_task(
+                run_periodically(
+                    [self.history, self.failures],
+                    flush_s=self.settings.history.flush_s,
+                    purge_every_s=self.settings.retention.interval_s,
+                ),
+                name="history",
+            ),
         ]
         self._started = True
         log.warning(  # warning level: the one line an operator needs even with quiet logs
@@ -248,6 +275,11 @@ class GatewayApp:
         await api_stopped
         await self.listener.wait_connections_closed(grace_s=5)
         await self.engine.stop()
+        for recorder in (self.history, self.failures):  # the sessions' ends, the last refusals
+            try:
+                await recorder.flush()
+            except Exception:
+                log.exception("history.flush_failed", recorder=type(recorder).__name__)
         await self.data.close()
         await self.store.close()
         log.info("gateway.stopped", sessions_closed=closed, swept=swept)

@@ -3,9 +3,11 @@
 Receives, from the broker adapter, each CONNECT (peer certificate and claims), each
 session start and end, and each PUBLISH that passed or failed the ACL; hands on an
 admission decision (`gateway.core.admission.decide` over the registry's records),
-presence changes, refusal logs, ``gateway/events/connect_failed`` events, and the
-devices' data to ingest (whose future releases the PUBLISH's acknowledgement), and
-certificate renewals and first uses to the certificate lifecycle.
+presence changes, refusal logs, ``gateway/events/connect_failed`` events, each refusal
+to the connect-failure tally (`gateway.failures`), each device session's start and end
+to the connection history (`gateway.history`), the devices' data to ingest (whose
+future releases the PUBLISH's acknowledgement), and certificate renewals and first
+uses to the certificate lifecycle.
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ import asyncio
 
 from gateway.broker import LiveSession, Peer
 from gateway.core import topics
-from gateway.core.admission import Admitted, ConnectClaims, Decision, Refusal, Refused, decide
+from gateway.core.admission import (
+    Admitted,
+    CertificateKind,
+    ConnectClaims,
+    Decision,
+    Refusal,
+    Refused,
+    decide,
+)
 from gateway.core.clock import utcnow
+from gateway.core.failures import Attempt
 from gateway.core.ids import Fingerprint
 from gateway.core.presence import OfflineReason
 from gateway.credentials import CertificateLifecycle
 from gateway.events import Events
+from gateway.failures import ConnectFailures
+from gateway.history import ConnectionHistory
 from gateway.ingest import Ingest
 from gateway.logs import get_logger
 from gateway.presence import PresenceService
@@ -38,17 +51,22 @@ class Gatekeeper:
         events: Events,
         ingest: Ingest,
         certificates: CertificateLifecycle,
+        history: ConnectionHistory,
+        failures: ConnectFailures,
     ) -> None:
         self._store = store
         self._presence = presence
         self._events = events
         self._ingest = ingest
         self._certificates = certificates
+        self._history = history
+        self._failures = failures
         self.denied_publishes = 0
         self.accepted_publishes = 0
 
     async def admit(self, peer: Peer, claims: ConnectClaims) -> Decision:
         fingerprint = Fingerprint.of_der(peer.certificate_der) if peer.certificate_der else None
+        certificate = None
         if fingerprint is None:
             decision: Decision = Refused(Refusal.NO_CERTIFICATE)
         else:
@@ -72,6 +90,21 @@ class Gatekeeper:
             client_id=claims.client_id,
             fingerprint=fingerprint.value if fingerprint else None,
         )
+        self._failures.refused(
+            Attempt(
+                reason=decision.reason,
+                at=utcnow(),
+                client_ip=peer.host,
+                client_id=claims.client_id,
+                fingerprint=fingerprint.value if fingerprint else None,
+                device_id=(
+                    certificate.subject
+                    if certificate is not None and certificate.kind is CertificateKind.DEVICE
+                    else None
+                ),
+                certificate_der=peer.certificate_der,
+            )
+        )
         await self._events.emit(
             "connect_failed",
             reason=decision.reason.value,
@@ -84,6 +117,7 @@ class Gatekeeper:
 
     async def session_started(self, session: LiveSession) -> None:
         await self._presence.online(session)
+        self._history.started(session, utcnow())
         await self._certificates.session_started(session)
 
     async def session_ended(self, session: LiveSession, reason: OfflineReason) -> None:
@@ -93,6 +127,7 @@ class Gatekeeper:
         if session.device_id is not None and session.last_packet_at:
             self._ingest.session_ended(session.device_id, session.last_packet_at)
         await self._presence.offline(session, reason)
+        self._history.ended(session, reason, utcnow())
 
     async def message_accepted(
         self, session: LiveSession, topic: str, payload: bytes, qos: int

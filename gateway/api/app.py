@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
 import gateway
-from gateway.api import audit, bulk, credentials, data, errors, tokens
+from gateway.api import audit, bulk, credentials, data, errors, failures, history, tokens
 from gateway.api.auth import ADMIN, READ, WRITE, ApiContext, context
 from gateway.api.schemas import (
     DeviceEnvelope,
@@ -199,6 +199,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(data.build_router(), prefix="/api/v1")
     app.include_router(tokens.build_router(), prefix="/api/v1")
     app.include_router(bulk.build_router(), prefix="/api/v1")
+    app.include_router(history.build_router(), prefix="/api/v1")
+    app.include_router(failures.build_router(), prefix="/api/v1")
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz(request: Request, response: Response) -> Health:

@@ -14,6 +14,8 @@ from gateway.audit import Audit, set_actor
 from gateway.core import tokens
 from gateway.devices import DeviceService
 from gateway.errors import Forbidden, Unauthorized
+from gateway.failures import ConnectFailures
+from gateway.history import ConnectionHistory
 from gateway.pki import Pki
 from gateway.store import Store
 from gateway.store.audit import AuditStore
@@ -29,6 +31,9 @@ class ApiContext:
     data: DeviceData
     audit: AuditStore
     session_count: Callable[[], int]
+    # Built by the composition root; None in a context made for other routes (they answer 404).
+    history: ConnectionHistory | None = None
+    failures: ConnectFailures | None = None
 
     @cached_property
     def tokens(self) -> ApiTokens:

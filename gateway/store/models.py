@@ -52,12 +52,12 @@ class Device(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    name_lower: Mapped[str] = mapped_column(String(200), index=True)
+    name_lower: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True)
     blocked: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     blocked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     checked_in_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # presence
     connection: Mapped[str] = mapped_column(String(8), default="offline", index=True)
@@ -81,6 +81,13 @@ class Device(Base):
     description: Mapped[str | None] = mapped_column(Text)
     metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
     settings_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+
+    # The listing's indexes (gateway.store.listing): each sort field's own, and two covering
+    # ones, so that counting by state and searching names and ids read an index, not the table.
+    __table_args__ = (
+        Index("ix_devices_name", "name_lower", "id"),
+        Index("ix_devices_state", "status", "connection", "blocked"),
+    )
 
 
 class DeviceTag(Base):
@@ -131,6 +138,9 @@ class Certificate(Base):
     __table_args__ = (
         Index("ix_certificates_subject", "kind", "subject"),
         Index("ix_certificates_not_after", "not_after"),
+        # Covering indexes of the expiry filter: candidates by end, then "no later one" per device.
+        Index("ix_certificates_expiry", "not_after", "kind", "revoked_at", "subject"),
+        Index("ix_certificates_validity", "kind", "subject", "revoked_at", "not_after"),
     )
 
 
@@ -283,3 +293,50 @@ class AuditRow(Base):
     detail: Mapped[str | None] = mapped_column(Text)  # JSON: what the action adds (serials, reason)
 
     __table_args__ = (Index("ix_audit_target", "target_type", "target_id", "at"),)
+
+
+# --- connection history and connect failures (gateway.history, gateway.failures) ------------
+
+
+class SessionRow(Base):
+    """One session of a device: written at its start, completed at its end (counters, reason)."""
+
+    __tablename__ = "connection_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)  # the session's presence epoch: (device_id, epoch) is unique
+    connected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    reason: Mapped[str | None] = mapped_column(String(32))
+    client_ip: Mapped[str] = mapped_column(String(64))
+    client_port: Mapped[int] = mapped_column(Integer)
+    certificate_serial: Mapped[str] = mapped_column(String(64))
+    bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_out: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_connection_sessions_device_epoch", "device_id", "epoch", unique=True),)
+
+
+class ConnectFailureRow(Base):
+    """Refused CONNECTs of one key (certificate fingerprint, or ``ip:<address>``) and reason."""
+
+    __tablename__ = "connect_failures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(80))
+    reason: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    attempts: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    last_client_id: Mapped[str] = mapped_column(String(128))
+    last_client_ip: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(String(64))  # the certificate's device, when known
+    certificate_pem: Mapped[str | None] = mapped_column(Text)  # only for unknown certificates
+    approved_device_id: Mapped[str | None] = mapped_column(String(64))
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_connect_failures_key_reason", "key", "reason", unique=True),)
