@@ -12,7 +12,7 @@ import typer
 
 import ca
 from ca import files as ca_files
-from gateway.cli import bulk, renewal
+from gateway.cli import bulk, history, renewal
 from gateway.cli.client import ApiClient
 from gateway.cli.common import (
     fails_cleanly,
@@ -456,3 +456,6 @@ def delete(
 # Bulk registration and export (gateway.cli.bulk).
 app.command("import")(bulk.import_devices)
 app.command("export")(bulk.export_devices)
+
+# A device's sessions (gateway.cli.history).
+app.command("history")(history.history)

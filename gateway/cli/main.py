@@ -1,5 +1,5 @@
 """Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``,
-``readings``, ``health``, ``simulate``, ``tokens``, ``audit``."""
+``readings``, ``health``, ``simulate``, ``tokens``, ``audit``, ``connect-failures``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 import gateway
-from gateway.cli import audit, data, devices, operators, simulate, tail, tokens
+from gateway.cli import audit, data, devices, failures, operators, simulate, tail, tokens
 from gateway.cli.common import State, fails_cleanly, print_json, settings_from
 
 # _SERVICE_ONLY: `init` and `serve` import the service (gateway.app: FastAPI, uvicorn,
@@ -131,6 +131,7 @@ app.command("health")(data.health)
 app.command("simulate")(simulate.simulate)
 app.add_typer(tokens.app, name="tokens")
 app.command("audit")(audit.audit)
+app.add_typer(failures.app, name="connect-failures")
 
 
 def main() -> None:
