@@ -13,6 +13,7 @@ publishes the ``device`` event); the failure row then names the device it became
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from gateway.config import HistorySettings
@@ -34,6 +35,8 @@ class ConnectFailures:
         self._devices = devices
         self._settings = settings
         self._aggregator = FailureAggregator(settings.max_pending)
+        self._lock = asyncio.Lock()
+        self.batches = 0  # transactions written: one per flush that had anything to write
 
     @property
     def pending(self) -> int:
@@ -51,14 +54,16 @@ class ConnectFailures:
 
     async def flush(self) -> None:
         """Merge what was counted since the last flush into the store (kept for the next on failure)."""
-        tallies = self._aggregator.drain()
-        if not tallies:
-            return
-        try:
-            await self._store.merge(tallies, max_rows=self._settings.failures_max_rows)
-        except Exception:
-            self._aggregator.restore(tallies)
-            raise
+        async with self._lock:  # in order: a later flush never moves last_seen_at back
+            tallies = self._aggregator.drain()
+            if not tallies:
+                return
+            try:
+                await self._store.merge(tallies, max_rows=self._settings.failures_max_rows)
+            except Exception:
+                self._aggregator.restore(tallies)
+                raise
+            self.batches += 1
 
     async def purge(self) -> int:
         """Delete the failures not seen for ``failures_days``."""
