@@ -227,23 +227,24 @@ def import_devices(
         )
     fmt_ = device_files.format_of(file, fmt)
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        with file.open(encoding="utf-8-sig", newline="") as handle:  # newlines as they are (csv wants it)
+            text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from exc
     rows, problems = device_files.read_rows(text, fmt_)
     if not rows and not problems:
         raise ConfigError(f"{file} holds no devices")
     outcome = Outcome(
-        errors=[
-            {"line": p.line, "id": p.device_id, "code": "invalid_row", "message": p.message} for p in problems
-        ]
+        errors=[{"line": p.line, "id": p.device_id, "code": p.code, "message": p.message} for p in problems]
     )
     chunks = [rows[start : start + chunk_size] for start in range(0, len(rows), chunk_size)]
     tokens = TokensFile(tokens_out) if tokens_out is not None and not dry_run else None
     try:
-        if rows and (continue_on_error or not problems):
+        if rows:
             with _client(ctx, api) as client:
-                if dry_run or (len(chunks) > 1 and not continue_on_error):
+                # All or nothing across requests: every chunk is checked before any is registered
+                # (and with problems in the file, to report the gateway's too, all at once).
+                if dry_run or (not continue_on_error and (problems or len(chunks) > 1)):
                     _check(client, chunks, outcome, continue_on_error)
                 if not dry_run and (continue_on_error or not outcome.errors):
                     _register(client, chunks, outcome, continue_on_error=continue_on_error, tokens=tokens)

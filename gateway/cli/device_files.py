@@ -52,6 +52,7 @@ class FileError:
     line: int
     message: str
     device_id: str | None = None
+    code: str = "invalid_row"
 
 
 def format_of(path: Path | None, given: str | None) -> Format:
@@ -75,7 +76,12 @@ def read_rows(text: str, fmt: Format) -> tuple[list[FileRow], list[FileError]]:
         if isinstance(device_id, str) and device_id:
             if device_id in first_line:
                 errors.append(
-                    FileError(row.line, f"id {device_id} is also on line {first_line[device_id]}", device_id)
+                    FileError(
+                        row.line,
+                        f"id {device_id} is also on line {first_line[device_id]}",
+                        device_id,
+                        "duplicate_id",
+                    )
                 )
                 continue
             first_line[device_id] = row.line
@@ -86,7 +92,9 @@ def read_rows(text: str, fmt: Format) -> tuple[list[FileRow], list[FileError]]:
 def _read_jsonl(text: str) -> tuple[list[FileRow], list[FileError]]:
     rows: list[FileRow] = []
     errors: list[FileError] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on line feeds only: str.splitlines would also split inside JSON strings (U+2028, U+0085).
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        line = raw_line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -196,7 +204,7 @@ class CsvWriter:
     """Rows of devices as CSV; the header comes from the first device's fields."""
 
     def __init__(self, out: IO[str]) -> None:
-        self._writer = csv.writer(out, lineterminator="\n")
+        self._writer = csv.writer(out)  # CRLF (RFC 4180): a lone CR in a cell gets quoted too
         self._columns: list[str] | None = None
 
     def write(self, device: dict[str, Any]) -> None:
