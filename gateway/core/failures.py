@@ -18,8 +18,7 @@ import ssl
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from cryptography import x509
-
+import ca
 from gateway.core.admission import Refusal
 
 MAX_CLIENT_ID = 128  # characters of the client id kept (MQTT allows 65,535 bytes)
@@ -117,16 +116,16 @@ class FailureQuery:
 def certificate_info(pem: str) -> CertificateInfo | None:
     """Subject, issuer, serial and validity of a kept certificate; None if it does not parse."""
     try:
-        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
-        return CertificateInfo(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            serial=format(cert.serial_number, "x"),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-        )
-    except ValueError:
+        cert = ca.load_certificate(pem.encode("ascii"))
+    except (ca.CAError, UnicodeEncodeError):
         return None
+    return CertificateInfo(
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=ca.serial_hex(cert.serial_number),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+    )
 
 
 class FailureAggregator:

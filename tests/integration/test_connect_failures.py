@@ -206,6 +206,7 @@ async def test_approval_of_an_unknown_certificate_lets_that_device_connect(
     fingerprint = ca.fingerprint_sha256(cert)
     [row] = (await failures(gateway, fingerprint=fingerprint))["data"]
     assert row["approvable"] is True
+    assert row["certificate"]["serial"] == ca.serial_hex(cert.serial_number)
 
     response = await approve(gateway, fingerprint, {"name": "Pump 7", "device_id": "pump-7"})
     assert response.status_code == 201, response.text
