@@ -104,6 +104,7 @@ class Handler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: collections.deque[tuple[int, int, asyncio.Future[None] | None]] = collections.deque()
+        self._topics: dict[bytes, str] = {}  # topic names of this connection already checked
 
     async def close_with(self, reason: OfflineReason) -> None:
         """End the session through the normal disconnect flow (gap 10).
@@ -185,7 +186,7 @@ class Handler(BrokerProtocolHandler):
             if self.live is not None:
                 self.live.last_packet_at = time.time()
             if packet_type == wire.PUBLISH:
-                await self._inbound_publish(wire.parse_publish(flags, body))
+                await self._inbound_publish(wire.parse_publish(flags, body, self._topics))
                 continue
             wire.check_packet(packet_type, flags, body)
             if packet_type == wire.PUBREL:

@@ -245,19 +245,35 @@ class PublishFields:
     payload: bytes
 
 
-def parse_publish(flags: int, body: bytes) -> PublishFields:
-    """Check and split a PUBLISH (the hot path: one pass over the header, payload sliced once)."""
+KNOWN_TOPICS_MAX = 64  # a device publishes to a handful of topics
+
+
+def parse_publish(flags: int, body: bytes, known_topics: dict[bytes, str] | None = None) -> PublishFields:
+    """Check and split a PUBLISH (the hot path: one pass over the header, payload sliced once).
+
+    `known_topics`, if given, is the caller's memo (one per connection) of topic names
+    already decoded and checked: raw bytes -> name. A name found there is not checked
+    again; a new one that passes is added, up to `KNOWN_TOPICS_MAX` names.
+    """
     qos = publish_qos(flags)
     if qos == 3:
         raise violation("PUBLISH with QoS 3")  # MQTT-3.3.1-4
     if qos == 0 and flags & 0x08:
         raise violation("PUBLISH QoS 0 with DUP set")  # MQTT-3.3.1-2
     cur = _Cursor(body)
-    topic = cur.text("topic name")
-    try:
-        Topic(topic)
-    except InvalidValue as exc:
-        raise violation(f"bad PUBLISH topic: {exc.message}") from exc  # MQTT-3.3.2-2
+    end = 2 + cur.u16("topic name length")
+    topic = None if known_topics is None else known_topics.get(body[2:end])
+    if topic is None:
+        cur.pos = 0
+        topic = cur.text("topic name")
+        try:
+            Topic(topic)
+        except InvalidValue as exc:
+            raise violation(f"bad PUBLISH topic: {exc.message}") from exc  # MQTT-3.3.2-2
+        if known_topics is not None and len(known_topics) < KNOWN_TOPICS_MAX:
+            known_topics[body[2:end]] = topic
+    else:
+        cur.pos = end
     packet_id = None
     if qos:
         packet_id = cur.u16("packet id")

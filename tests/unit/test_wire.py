@@ -215,3 +215,30 @@ def test_a_subscribe_is_split_into_filters() -> None:
     """parse_subscribe hands on the packet id and each filter with its requested QoS."""
     body = struct.pack("!H", 7) + s(b"a/+") + b"\x01" + s(b"b/#") + b"\x00"
     assert wire.parse_subscribe(body) == (7, [("a/+", 1), ("b/#", 0)])
+
+
+def _outcome(flags: int, body: bytes, memo: dict[bytes, str] | None) -> object:
+    try:
+        return wire.parse_publish(flags, body, memo)
+    except ProtocolViolation as exc:
+        return ("violation", exc.message)
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 2, 3, 4, 8, 10]), st.binary(max_size=24)), max_size=30))
+def test_the_topic_memo_never_changes_an_answer(packets: list[tuple[int, bytes]]) -> None:
+    """Property: with one memo across many packets, parse_publish answers exactly as without it."""
+    topics = [s(b"devices/d1/readings"), s(b"a/b"), s(b"a/+"), s(b"a\x00b"), s(b"\xff"), b"\x00"]
+    memo: dict[bytes, str] = {}
+    for index, (flags, tail) in enumerate(packets):
+        body = topics[index % len(topics)] + tail
+        assert _outcome(flags, body, memo) == _outcome(flags, body, None)
+    assert set(memo.values()) <= {"devices/d1/readings", "a/b"}  # only names that passed
+
+
+def test_the_topic_memo_is_bounded() -> None:
+    """The memo keeps at most KNOWN_TOPICS_MAX names; later names are still checked and accepted."""
+    memo: dict[bytes, str] = {}
+    for n in range(wire.KNOWN_TOPICS_MAX + 10):
+        fields = wire.parse_publish(0, s(f"t/{n}".encode()) + b"x", memo)
+        assert fields.topic == f"t/{n}"
+    assert len(memo) == wire.KNOWN_TOPICS_MAX
