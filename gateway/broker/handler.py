@@ -241,16 +241,18 @@ class Handler(BrokerProtocolHandler):
 
     def _queue_ack(self, first_byte: int, packet_id: int, stored: asyncio.Future[None] | None) -> None:
         self._acks.append((first_byte, packet_id, stored))
-        if stored is not None and not stored.done():
-            stored.add_done_callback(self._flush_acks)
-        self._flush_acks()
+        if len(self._acks) == 1:
+            self._flush_acks()
+        # Otherwise an earlier acknowledgement is waiting for its commit, and the flush
+        # its commit triggers takes this one along.
 
     def _flush_acks(self, _: object = None) -> None:
         """Write every acknowledgement at the head of the queue whose message is stored.
 
         They leave in one write: one TLS record and one send() for a committed batch
-        instead of one per PUBACK (a batch commit resolves many futures at once, and the
-        first callback finds all of them done).
+        instead of one per PUBACK. Only the first one still waiting gets a done-callback
+        (one per connection and commit, not one per message): whatever follows it leaves
+        after it anyway.
         """
         out = bytearray()
         try:
@@ -258,6 +260,7 @@ class Handler(BrokerProtocolHandler):
                 first_byte, packet_id, stored = self._acks[0]
                 if stored is not None:
                     if not stored.done():
+                        stored.add_done_callback(self._flush_acks)
                         return
                     if stored.cancelled() or stored.exception() is not None:
                         # Not stored: never acknowledge. Closing makes the device resend it.
