@@ -40,6 +40,7 @@ class _Item:
     received_at: datetime
     stored: asyncio.Future[None] | None
     rows: int
+    queued_at: float  # loop time it was queued: it waits at most max_batch_delay_ms from here
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Ingest:
             await self._reject(device_id, topic, exc)
             return None
         rows = len(value) if isinstance(value, list) else 1
-        item = _Item(device_id, channel, value, received_at, None, rows)
+        loop = asyncio.get_running_loop()
+        item = _Item(device_id, channel, value, received_at, None, rows, loop.time())
         self.stats.accepted += 1
         if qos == 0:
             try:
@@ -115,8 +117,11 @@ class Ingest:
                     log.warning("ingest.qos0_dropped", device_id=device_id, dropped=self.stats.dropped_qos0)
             return None
         if self._settings.ack_after_commit:
-            item.stored = asyncio.get_running_loop().create_future()
-        await self._queue.put(item)  # waits while the queue is full: back-pressure
+            item.stored = loop.create_future()
+        try:
+            self._queue.put_nowait(item)  # the common case, without a coroutine per message
+        except asyncio.QueueFull:
+            await self._queue.put(item)  # waits while the queue is full: back-pressure
         return item.stored
 
     def _parse(self, topic: str, payload: bytes, received_at: datetime) -> tuple[payloads.Channel, Parsed]:
@@ -142,21 +147,28 @@ class Ingest:
     # --- the writer ---------------------------------------------------------------------
 
     async def _writer(self) -> None:
+        """Group commit: a batch is the first queued message and whatever joins it within
+        max_batch_delay_ms of its arrival (or up to max_batch_rows).
+
+        The delay counts from when the first message was queued, not from when the writer
+        took it: messages that queued up while the previous batch was committing have
+        waited long enough, and go at once.
+        """
         loop = asyncio.get_running_loop()
         delay = self._settings.max_batch_delay_ms / 1000
         while True:
             items = [await self._queue.get()]
             rows = items[0].rows
-            deadline = loop.time() + delay
+            deadline = items[0].queued_at + delay
             while rows < self._settings.max_batch_rows:
                 try:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if deadline <= loop.time():
                         break
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                        async with asyncio.timeout_at(deadline):  # a timer, not a task per wait
+                            item = await self._queue.get()
                     except TimeoutError:
                         break
                 items.append(item)
