@@ -1,4 +1,5 @@
-"""DeviceData's SQLite writer thread: the registry's busy timeout, one thread, a clean close.
+"""DeviceData's SQLite writer thread: the registry's busy timeout, one thread, a clean close,
+and rows stored exactly as SQLAlchemy stores them.
 
 A real SQLite file in `tmp_path`; the lock is held from a second connection, as in
 tests/integration/test_ingest.py.
@@ -10,17 +11,19 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import OperationalError
 
 from gateway.core.clock import utcnow
 from gateway.core.ids import DeviceId
 from gateway.store import Store
-from gateway.store.data import DeviceData, IngestBatch, readings
-from tests.integration.test_ingest import reading_row, write_locked
+from gateway.store.data import DeviceData, IngestBatch, health, readings
+from tests.integration.test_ingest import health_row, reading_row, write_locked
 
 DEVICE = "dev-writer-1"
 
@@ -83,3 +86,40 @@ async def test_batches_share_one_writer_thread_that_close_ends(store: Store) -> 
     assert (await data.write_batch(batch(99))).stored == 1
     assert writer_threads() == []
     assert await stored(store) == 11
+
+
+async def test_rows_written_through_the_driver_are_stored_exactly_as_sqlalchemy_stores_them(
+    store: Store,
+) -> None:
+    """Readings and health rows of every kind, written by write_batch, are byte for byte what
+    SQLAlchemy's own INSERT stores (same datetime text, booleans, NULLs)."""
+    other = "dev-writer-2"
+    await store.create_device(DeviceId(other), "reference", utcnow())
+    moment = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
+    values: list[tuple[str, Any]] = [("value_num", 21.5), ("value_bool", True), ("value_str", "on")]
+    rows = []
+    for index, (column, value) in enumerate(values):
+        row = reading_row(DEVICE, moment + timedelta(microseconds=index * 250_001), 0)
+        row.update(value_num=None, component="board" if index else None, unit="C")
+        row[column] = value
+        rows.append(row)
+    healths = [
+        health_row(DEVICE, moment),
+        {**health_row(DEVICE, utcnow()), "battery_pct": 80.0, "extra": '{"a":1}'},
+    ]
+    data = DeviceData(store.engine)
+    try:
+        await data.write_batch(
+            IngestBatch(readings=[dict(r) for r in rows], health=[dict(h) for h in healths])
+        )
+    finally:
+        await data.close()
+    async with store.engine.begin() as conn:  # the reference: SQLAlchemy's executemany
+        await conn.execute(insert(readings), [{**r, "device_id": other} for r in rows])
+        await conn.execute(insert(health), [{**h, "device_id": other} for h in healths])
+    async with store.engine.connect() as conn:
+        for table in ("readings", "health"):
+            raw = (await conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id")).all()
+            ours = [row[2:] for row in raw if row[1] == DEVICE]
+            reference = [row[2:] for row in raw if row[1] == other]
+            assert ours == reference and len(ours) == len(rows if table == "readings" else healths)
