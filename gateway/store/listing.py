@@ -1,37 +1,92 @@
 """SQL for the device listing and summary: filters, order, keyset pages, counts.
 
 Receives a `DeviceQuery` whose values the API or CLI already parsed, and the sort rules of
-`gateway.core.listing`; hands the `Store` the clauses it executes and the `Cursor` of a
-page's last row. Every filter is an indexed column or an indexed association table
-(``device_tags``, ``device_locations``), except ``search`` (a substring of name or id,
-which no B-tree index serves).
+`gateway.core.listing`; hands the `Store` the rows of a page, its total and the `Cursor`
+after its last row, or a `DeviceSummary`. Every filter is an indexed column or an indexed
+association table (``device_tags``, ``device_locations``); ``search`` (a substring of name
+or id, which no B-tree index can seek) reads the covering index ``ix_devices_name``.
 
 Order: the sort keys, then ``id``; empty values last in both directions (``NULLS LAST``,
 which SQLite >= 3.30 and PostgreSQL both understand), so that the keyset condition of a
 cursor means the same on both databases.
+
+Plan (SQLite, in `page`): its planner has no histograms and takes every equality for a
+selective one, so ``status=active`` (most of a fleet) would sort tens of thousands of rows
+for one page. So the rowids of up to `_FEW` matches are read first: when that is all of
+them, they are the total and the page is sorted from them; when there are more, they are
+counted, and the page walks the first sort key's index (the filters hidden from the
+planner by a unary ``+``) and stops after ``limit`` rows, unless sorting the matches is
+cheaper (`walks`). PostgreSQL plans from its statistics and gets no hints.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Column, Row, Table, and_, case, false, func, literal, or_, select, true
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Row,
+    Table,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.visitors import InternalTraversal
 
+from gateway.core.admission import CertificateKind
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.listing import SORT_FIELDS, Cursor, CursorValue, descending, field_of
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery, DeviceSummary
-from gateway.store.credentials import latest_valid_not_after
-from gateway.store.models import Device, DeviceLocation, DeviceTag
+from gateway.store.models import Certificate, Device, DeviceLocation, DeviceTag
 
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_locations = cast(Table, DeviceLocation.__table__)
+certificates = cast(Table, Certificate.__table__)
 
+_STATE = frozenset({"status", "connection", "blocked"})
+_FEW = 5000  # matches up to which a page is found by their rowids
+_EXPIRING_FEW = 20_000  # expiring devices up to which the filter is a list of ids
 SUMMARY_GROUPS_MAX = 100  # values listed per free-form field (application, model, firmware)
 EXPIRY_WINDOWS = {"7d": timedelta(days=7), "30d": timedelta(days=30)}
+_DEVICE = CertificateKind.DEVICE.value
+
+
+class _Unindexed(ColumnElement[Any]):
+    """A column SQLite must not use an index for (unary ``+``); plain SQL elsewhere."""
+
+    inherit_cache = True
+    # The cache key: SQLAlchemy's own protocol is a class-level list.
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _compile_unindexed(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(_Unindexed, "sqlite")
+def _compile_unindexed_sqlite(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)
 
 
 def _escape_like(text: str) -> str:
@@ -43,41 +98,164 @@ def sort_column(field: str) -> Column[Any]:
     return devices.c["name_lower" if field == "name" else field]
 
 
-def conditions(query: DeviceQuery) -> Any:
-    """The WHERE clause of the query's filters (its order and page aside)."""
-    c = devices.c
+def _search(name: Any, device_id: Any, text: str, *, sqlite: bool) -> Any:
+    """Name or id contains `text`, in any case. Names are matched by their lower-case copy;
+    ids are ASCII, which SQLite's LIKE already folds (no lower() call per row)."""
+    pattern = f"%{_escape_like(text.lower())}%"
+    in_id = device_id.like(pattern, escape="\\") if sqlite else device_id.ilike(pattern, escape="\\")
+    return or_(name.like(pattern, escape="\\"), in_id)
+
+
+def _newest_ends_by(ending: Any, device_id: Any, moment: datetime) -> Any:
+    """`ending` (a certificates alias) is an unrevoked certificate of `device_id` that ends by
+    `moment`, and no unrevoked one of the device ends later (covering certificate indexes)."""
+    later = certificates.alias("later")
+    return and_(
+        ending.c.not_after <= moment,
+        ending.c.kind == _DEVICE,
+        ending.c.revoked_at.is_(None),
+        ending.c.subject == device_id,
+        ~exists().where(
+            later.c.kind == _DEVICE,
+            later.c.subject == ending.c.subject,
+            later.c.revoked_at.is_(None),
+            later.c.not_after > moment,
+        ),
+    )
+
+
+def newest_certificate_ends_by(device_id: Any, moment: datetime) -> Any:
+    """The device's latest-ending unrevoked certificate ends by `moment`."""
+    ending = certificates.alias("ending")
+    return exists().where(_newest_ends_by(ending, device_id, moment))
+
+
+def _ids(values: Sequence[object]) -> Any:
+    """The values as a one-parameter list (SQLite's json_each), not one parameter each."""
+    return select(literal_column("value")).select_from(func.json_each(json.dumps(list(values))))
+
+
+async def _expiring(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) -> list[str] | None:
+    """On SQLite, the ids the certificate filter matches, read once for the statements that
+    follow (each would otherwise check every candidate again); None when there are many."""
+    if not sqlite or query.cert_expires_before is None:
+        return None
+    ending = certificates.alias("ending")
+    found = (
+        await conn.execute(
+            select(ending.c.subject)
+            .where(_newest_ends_by(ending, ending.c.subject, query.cert_expires_before))
+            .distinct()
+            .limit(_EXPIRING_FEW + 1)
+        )
+    ).scalars()
+    ids = list(found)
+    return ids if len(ids) <= _EXPIRING_FEW else None
+
+
+def conditions(
+    query: DeviceQuery, *, sqlite: bool, walk: bool = False, expiring: list[str] | None = None
+) -> Any:
+    """The WHERE clause of the query's filters (its order and page aside).
+
+    On SQLite, with `walk` no filter may pick an index, so that it walks the sort order
+    (`page`); and the state columns (status, connection, blocked: a few values each) seek
+    an index only when no other filter can, since a state matches much of a fleet.
+    """
+    narrower = bool(
+        query.search
+        or query.tags
+        or query.location_ids
+        or query.application
+        or query.manufacturer
+        or query.model
+        or query.cert_expires_before
+        or query.last_seen_before
+    )
+
+    def c(name: str) -> Any:
+        column = devices.c[name]
+        hidden = walk or (narrower and name in _STATE)
+        return _Unindexed(column) if sqlite and hidden else column
+
     where: list[Any] = []
     if query.search:
-        pattern = f"%{_escape_like(query.search.lower())}%"
-        where.append(
-            or_(c.name_lower.like(pattern, escape="\\"), func.lower(c.id).like(pattern, escape="\\"))
-        )
+        where.append(_search(c("name_lower"), c("id"), query.search, sqlite=sqlite))
     if query.blocked == "hide":
-        where.append(c.blocked.is_(False))
+        where.append(c("blocked").is_(False))
     elif query.blocked == "only":
-        where.append(c.blocked.is_(True))
+        where.append(c("blocked").is_(True))
     if query.status is not None:
-        where.append(c.status == query.status.value)
+        where.append(c("status") == query.status.value)
     if query.connection is not None:
-        where.append(c.connection == query.connection.value)
+        where.append(c("connection") == query.connection.value)
     for tag in query.tags:
-        where.append(c.id.in_(select(device_tags.c.device_id).where(device_tags.c.tag == tag)))
+        where.append(c("id").in_(select(device_tags.c.device_id).where(device_tags.c.tag == tag)))
     for location in query.location_ids:
         where.append(
-            c.id.in_(select(device_locations.c.device_id).where(device_locations.c.location_id == location))
+            c("id").in_(
+                select(device_locations.c.device_id).where(device_locations.c.location_id == location)
+            )
         )
     for name in ("application", "manufacturer", "model"):
         value = getattr(query, name)
         if value is not None:
-            where.append(c[name] == value)
+            where.append(c(name) == value)
     if query.cert_expires_before is not None:
-        newest = latest_valid_not_after().subquery()
-        where.append(
-            c.id.in_(select(newest.c.subject).where(newest.c.not_after <= query.cert_expires_before))
-        )
+        if expiring is not None:
+            where.append(c("id").in_(_ids(expiring)))
+        else:
+            where.append(newest_certificate_ends_by(c("id"), query.cert_expires_before))
     if query.last_seen_before is not None:
-        where.append(c.last_seen_at < query.last_seen_before)
+        where.append(c("last_seen_at") < query.last_seen_before)
     return and_(true(), *where)
+
+
+def walks(total: int, table_rows: int, rows_wanted: int) -> bool:
+    """Is walking the sort order cheaper than sorting every match?
+
+    Walking visits about ``rows_wanted * table_rows / total`` rows; sorting costs about
+    ``total``: walk when ``total ** 2 >= rows_wanted * table_rows``.
+    """
+    return total > 0 and total * total >= rows_wanted * table_rows
+
+
+async def page(
+    conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool
+) -> tuple[list[Row[Any]], int, Cursor | None]:
+    """The rows of one page (in order), the total the filters match, and the next page's cursor."""
+    expiring = await _expiring(conn, query, sqlite=sqlite)
+    where = conditions(query, sqlite=sqlite, expiring=expiring)
+    if not sqlite:
+        total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
+    else:
+        # Few matches: their rowids are the total and the page's candidates (one pass over the
+        # filters). Many: count them, then walk the sort order or sort them, whichever is cheaper.
+        rowid: ColumnElement[int] = literal_column("devices.rowid")
+        probe = select(rowid).select_from(devices).where(where).limit(_FEW + 1)
+        found = (await conn.execute(probe)).scalars().all()
+        if len(found) <= _FEW:
+            total = len(found)
+            where = rowid.in_(_ids(found))
+        else:
+            counted = select(func.count()).select_from(devices).where(where).scalar_subquery()
+            everything = select(func.count()).select_from(devices).scalar_subquery()
+            total, table_rows = (await conn.execute(select(counted, everything))).one()
+            if walks(total, table_rows, query.offset + query.limit + 1):
+                where = conditions(query, sqlite=sqlite, walk=True, expiring=expiring)
+    if query.after is not None:
+        where = and_(after(query.after), where)
+    rows = (
+        await conn.execute(
+            select(devices)
+            .where(where)
+            .order_by(*order_by(query.sort))
+            .limit(query.limit + 1)  # one more: is there a next page?
+            .offset(query.offset)
+        )
+    ).all()
+    more, rows = len(rows) > query.limit, rows[: query.limit]
+    return list(rows), int(total), cursor_of(rows[-1], query.sort) if more else None
 
 
 def order_by(sort: tuple[str, ...]) -> list[Any]:
@@ -132,8 +310,9 @@ def cursor_of(row: Row[Any], sort: tuple[str, ...]) -> Cursor:
     return Cursor(sort, values, row.id)
 
 
-async def summary(conn: AsyncConnection, where: Any, now: datetime) -> DeviceSummary:
+async def summary(conn: AsyncConnection, query: DeviceQuery, now: datetime, *, sqlite: bool) -> DeviceSummary:
     c = devices.c
+    where = conditions(query, sqlite=sqlite, expiring=await _expiring(conn, query, sqlite=sqlite))
     states = (
         await conn.execute(
             select(c.status, c.connection, c.blocked, func.count())
@@ -161,18 +340,38 @@ async def summary(conn: AsyncConnection, where: Any, now: datetime) -> DeviceSum
         )
         return [(value, int(count)) for value, count in rows]
 
-    newest = latest_valid_not_after().subquery()
+    # Newest valid certificate per device, only for devices that have one ending within the
+    # widest window (few), then counted per window.
     horizons = {label: now + window for label, window in EXPIRY_WINDOWS.items()}
+    widest = max(horizons.values())
+    valid = certificates.alias("valid")
+    ending = (
+        select(valid.c.subject, func.max(valid.c.not_after).label("not_after"))
+        .where(
+            valid.c.kind == _DEVICE,
+            valid.c.revoked_at.is_(None),
+            valid.c.subject.in_(
+                select(certificates.c.subject).where(
+                    certificates.c.not_after <= widest,
+                    certificates.c.kind == _DEVICE,
+                    certificates.c.revoked_at.is_(None),
+                )
+            ),
+        )
+        .group_by(valid.c.subject)
+        .having(func.max(valid.c.not_after) <= widest)
+        .subquery()
+    )
     expiring = (
         await conn.execute(
             select(
                 *(
-                    func.coalesce(func.sum(case((newest.c.not_after <= moment, 1), else_=0)), 0)
+                    func.coalesce(func.sum(case((ending.c.not_after <= moment, 1), else_=0)), 0)
                     for moment in horizons.values()
                 )
             )
-            .select_from(devices.join(newest, newest.c.subject == c.id))
-            .where(where, newest.c.not_after <= max(horizons.values()))
+            .select_from(devices.join(ending, ending.c.subject == c.id))
+            .where(where)
         )
     ).one()
     return DeviceSummary(

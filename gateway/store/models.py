@@ -52,15 +52,15 @@ class Device(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    name_lower: Mapped[str] = mapped_column(String(200), index=True)
+    name_lower: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    blocked: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
     blocked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     checked_in_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # presence
-    connection: Mapped[str] = mapped_column(String(8), default="offline", index=True)
+    connection: Mapped[str] = mapped_column(String(8), default="offline")
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     last_connected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -81,6 +81,22 @@ class Device(Base):
     description: Mapped[str | None] = mapped_column(Text)
     metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
     settings_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+
+    # The listing's indexes (gateway.store.listing): each sort field's own, and two covering
+    # ones, so that counting by state and searching names and ids read an index, not the table.
+    # (connection and blocked, two values each, have no index of their own: see REPLACED_INDEXES.)
+    __table_args__ = (
+        Index("ix_devices_name", "name_lower", "id"),
+        Index("ix_devices_state", "status", "connection", "blocked"),
+    )
+
+
+# Indexes of earlier releases that newer ones replaced; dropped from existing databases, since
+# SQLite's planner would prefer them to the covering ones (a seek on blocked = false or
+# connection = offline matches most of a fleet, row by row).
+REPLACED_INDEXES = {
+    "devices": ("ix_devices_name_lower", "ix_devices_connection", "ix_devices_blocked"),
+}
 
 
 class DeviceTag(Base):
@@ -131,6 +147,9 @@ class Certificate(Base):
     __table_args__ = (
         Index("ix_certificates_subject", "kind", "subject"),
         Index("ix_certificates_not_after", "not_after"),
+        # Covering indexes of the expiry filter: candidates by end, then "no later one" per device.
+        Index("ix_certificates_expiry", "not_after", "kind", "revoked_at", "subject"),
+        Index("ix_certificates_validity", "kind", "subject", "revoked_at", "not_after"),
     )
 
 

@@ -23,11 +23,12 @@ from sqlalchemy import (
     Table,
     delete,
     event,
-    func,
     insert,
     inspect,
+    literal,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Connection as SyncConnection
@@ -53,7 +54,7 @@ from gateway.core.records import (
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.store import listing
 from gateway.store.credentials import CredentialStore, insert_certificate
-from gateway.store.models import Base, Certificate, Device, DeviceLocation, DeviceTag
+from gateway.store.models import REPLACED_INDEXES, Base, Certificate, Device, DeviceLocation, DeviceTag
 from gateway.store.tokens import TokenStore
 
 devices = cast(Table, Device.__table__)
@@ -91,6 +92,7 @@ class Store:
             await conn.run_sync(Base.metadata.create_all)
             await conn.run_sync(_add_missing_columns)
             await conn.run_sync(_add_missing_indexes)
+            await conn.run_sync(_drop_replaced_indexes)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -140,25 +142,29 @@ class Store:
         return (await self._records(conn, [row]))[0]
 
     async def _records(self, conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[DeviceRecord]:
-        """Device rows as records, with their certificate, tags and locations (one query each)."""
+        """Device rows as records, with their certificate (one query) and tags and locations (one)."""
         ids = [row.id for row in rows]
         summaries = await self._certificate_summaries(conn, ids)
         labels: dict[str, dict[str, list[str]]] = {name: {} for name in _LABEL_TABLES}
         if ids:
-            for name, (table, column) in _LABEL_TABLES.items():
-                found = await conn.execute(
-                    select(table.c.device_id, table.c[column])
-                    .where(table.c.device_id.in_(ids))
-                    .order_by(table.c.device_id, table.c[column])
+            found = await conn.execute(
+                union_all(
+                    *(
+                        select(
+                            literal(name).label("field"), table.c.device_id, table.c[column].label("value")
+                        ).where(table.c.device_id.in_(ids))
+                        for name, (table, column) in _LABEL_TABLES.items()
+                    )
                 )
-                for device_id, value in found:
-                    labels[name].setdefault(device_id, []).append(value)
+            )
+            for name, device_id, value in found:
+                labels[name].setdefault(device_id, []).append(value)
         return [
             _device_record(
                 row,
                 summaries.get(row.id),
-                tuple(labels["tags"].get(row.id, ())),
-                tuple(labels["location_ids"].get(row.id, ())),
+                tuple(sorted(labels["tags"].get(row.id, ()))),
+                tuple(sorted(labels["location_ids"].get(row.id, ()))),
             )
             for row in rows
         ]
@@ -189,28 +195,14 @@ class Store:
 
     async def list_devices(self, query: DeviceQuery) -> DevicePage:
         """One page of the devices the filters match, in order; `next` when more follow."""
-        where = listing.conditions(query)
-        page = where if query.after is None else listing.after(query.after) & where
         async with self.engine.connect() as conn:
-            total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
-            rows = (
-                await conn.execute(
-                    select(devices)
-                    .where(page)
-                    .order_by(*listing.order_by(query.sort))
-                    .limit(query.limit + 1)  # one more: is there a next page?
-                    .offset(query.offset)
-                )
-            ).all()
-            more, rows = len(rows) > query.limit, rows[: query.limit]
-            records = await self._records(conn, rows)
-        following = listing.cursor_of(rows[-1], query.sort) if more else None
-        return DevicePage(records, int(total), following)
+            rows, total, following = await listing.page(conn, query, sqlite=self.is_sqlite)
+            return DevicePage(await self._records(conn, rows), total, following)
 
     async def device_summary(self, query: DeviceQuery, now: datetime) -> DeviceSummary:
         """Counts over the devices the query's filters match (order and page ignored)."""
         async with self.engine.connect() as conn:
-            return await listing.summary(conn, listing.conditions(query), now)
+            return await listing.summary(conn, query, now, sqlite=self.is_sqlite)
 
     async def update_device(self, device_id: str, now: datetime, **fields: Any) -> DeviceRecord:
         """Set fields (name, blocked, identification, the detail fields) and ``updated_at``.
@@ -453,3 +445,13 @@ def _add_missing_indexes(conn: SyncConnection) -> None:
         for index in table.indexes:
             if index.name not in present:
                 index.create(conn)
+
+
+def _drop_replaced_indexes(conn: SyncConnection) -> None:
+    """Indexes an earlier release made and a newer one replaced (`REPLACED_INDEXES`)."""
+    inspector = inspect(conn)
+    for table, names in REPLACED_INDEXES.items():
+        present = {index["name"] for index in inspector.get_indexes(table)}
+        for name in names:
+            if name in present:
+                conn.execute(text(f"DROP INDEX {name}"))

@@ -545,14 +545,26 @@ async def test_create_schema_adds_detail_columns_tables_and_indexes_to_an_old_da
         await store.close()
     new_indexes = [
         "ix_devices_last_seen_at",
+        "ix_devices_updated_at",
         "ix_devices_application",
         "ix_devices_model",
         "ix_devices_manufacturer",
         "ix_devices_firmware_version",
+        "ix_devices_name",
+        "ix_devices_state",
+        "ix_certificates_expiry",
+        "ix_certificates_validity",
     ]
+    replaced = {  # what an earlier release made, which the listing's covering indexes replace
+        "ix_devices_name_lower": "name_lower",
+        "ix_devices_connection": "connection",
+        "ix_devices_blocked": "blocked",
+    }
     with sqlite3.connect(path) as db:
         for index in new_indexes:
             db.execute(f"DROP INDEX {index}")
+        for index, column in replaced.items():
+            db.execute(f"CREATE INDEX {index} ON devices ({column})")
         for column in ("description", "metadata_json", "settings_json"):
             db.execute(f"ALTER TABLE devices DROP COLUMN {column}")
         db.execute("DROP TABLE device_tags")
@@ -572,6 +584,7 @@ async def test_create_schema_adds_detail_columns_tables_and_indexes_to_an_old_da
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         db.close()
         assert set(new_indexes) <= indexes and {"device_tags", "device_locations"} <= tables
+        assert not set(replaced) & indexes
         old = await store.get_device("old-1")
         assert (old.description, old.tags, old.metadata, old.settings) == (None, (), {}, {})
         await store.update_device("old-1", utcnow(), tags=("prod",), settings={"a": 1})

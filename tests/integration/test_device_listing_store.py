@@ -1,0 +1,255 @@
+"""The device listing in the store, on each database and each SQLite plan: every sort pages by
+cursor exactly as one page lists, empty values last both ways; filters and summary agree.
+
+PostgreSQL runs when ``GATEWAY_TEST_POSTGRES_URL`` names a database this test may empty
+(e.g. ``postgresql+asyncpg://postgres@127.0.0.1:5432/gateway_test``); otherwise it is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
+
+from gateway.core.admission import CertificateKind
+from gateway.core.clock import utcnow
+from gateway.core.ids import DeviceId
+from gateway.core.lifecycle import DeviceStatus
+from gateway.core.listing import SORT_FIELDS, parse_sort
+from gateway.core.presence import Connection, OfflineReason
+from gateway.core.records import DeviceQuery, DeviceRecord, NewCertificate
+from gateway.store import Store, listing
+from gateway.store.models import Base
+
+POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+NOW = utcnow()
+
+
+@pytest.fixture(params=["sqlite-rowids", "sqlite-counted", "postgresql"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Store]:
+    """An empty registry: SQLite finding pages from the matches' rowids (few matches), SQLite
+    counting first (as with many matches: walk the order or sort), or PostgreSQL."""
+    if request.param == "postgresql":
+        if not POSTGRES_URL:
+            pytest.skip("GATEWAY_TEST_POSTGRES_URL not set")
+        store = Store(POSTGRES_URL)
+        async with store.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+    else:
+        store = Store(f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
+        if request.param == "sqlite-counted":
+            monkeypatch.setattr(listing, "_FEW", 0)
+            monkeypatch.setattr(listing, "_EXPIRING_FEW", 0)
+    await store.create_schema()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def certificate(device_id: str, ends: datetime, serial: int) -> NewCertificate:
+    return NewCertificate(
+        serial=f"{serial:032x}",
+        fingerprint_sha256=f"{serial:064x}",
+        kind=CertificateKind.DEVICE,
+        subject=device_id,
+        not_before=NOW - timedelta(days=1),
+        not_after=ends,
+        pem="-",
+    )
+
+
+async def fleet(store: Store) -> list[DeviceRecord]:
+    """Twelve devices: names differing in case, ties, and empty (NULL) values in every nullable field."""
+    names = [
+        "Pump A",
+        "pump b",
+        "Meter",
+        "METER two",
+        "Sensor 100%",
+        "valve",
+        "Valve",
+        "gate",
+        "x",
+        "Y",
+        "z",
+        "Å",
+    ]
+    for index, name in enumerate(names):
+        device_id = f"d{index:02d}" if index % 3 else f"D_{index:02d}"
+        await store.create_device(DeviceId(device_id), name, NOW - timedelta(minutes=60 - index))
+        fields: dict[str, object] = {}
+        if index % 2:
+            fields |= {"application": ["irrigation", "metering"][index % 4 // 2], "model": f"M{index % 3}"}
+        if index % 3 == 1:
+            fields |= {"manufacturer": "Acme", "firmware_version": "1.0", "os": "linux", "tags": ("prod",)}
+        if index % 4 == 2:
+            fields |= {
+                "blocked": True,
+                "blocked_at": NOW - timedelta(hours=index),
+                "location_ids": ("site-1",),
+            }
+        if fields:
+            await store.update_device(device_id, NOW - timedelta(minutes=30 - index), **fields)
+        if index % 5 != 4:  # some never connect: empty presence times
+            change = await store.mark_online(
+                device_id,
+                NOW - timedelta(hours=index % 4),  # ties in last_connected_at / last_seen_at
+                client_ip="127.0.0.1",
+                serial="00",
+                check_in=(DeviceStatus.PENDING, DeviceStatus.ACTIVE),
+            )
+            if index % 2:
+                await store.mark_offline(device_id, change.epoch, OfflineReason.CLIENT_DISCONNECT, NOW)
+        if index % 3 != 2:
+            ends = NOW + timedelta(days=[3, 20, 300][index % 3])
+            await store.credentials.add_certificate(certificate(device_id, ends, index + 1), NOW)
+    return (await store.list_devices(DeviceQuery(limit=1000))).devices
+
+
+async def ids(store: Store, query: DeviceQuery) -> list[str]:
+    return [device.id for device in (await store.list_devices(query)).devices]
+
+
+async def paged(store: Store, query: DeviceQuery, limit: int) -> list[str]:
+    found: list[str] = []
+    query = dataclasses.replace(query, limit=limit)
+    for _ in range(100):
+        page = await store.list_devices(query)
+        found += [device.id for device in page.devices]
+        if page.next is None:
+            return found
+        query = dataclasses.replace(query, after=page.next)
+    raise AssertionError("paging never ended")
+
+
+async def test_every_sort_pages_as_one_page_lists_with_empty_values_last(store: Store) -> None:
+    """For each sortable field both ways and a few multi-key sorts: cursor pages of 2 and 3 rows
+    list exactly what one page lists, and devices without a value come after all with one."""
+    devices = {d.id: d for d in await fleet(store)}
+    sorts = [f"{sign}{field}" for field in SORT_FIELDS for sign in ("", "-")]
+    sorts += ["-last_seen_at,name", "application,-model,name", "blocked,-firmware_version", "-status,os,-id"]
+    wrong = {}
+    for raw in sorts:
+        query = DeviceQuery(sort=parse_sort(raw), limit=1000)
+        whole = await ids(store, query)
+        assert sorted(whole) == sorted(devices)
+        first = parse_sort(raw)[0].removeprefix("-")
+        values = [getattr(devices[i], first) for i in whole]
+        empty_last = values == [v for v in values if v is not None] + [v for v in values if v is None]
+        if not (empty_last and whole == await paged(store, query, 2) == await paged(store, query, 3)):
+            wrong[raw] = whole
+    assert not wrong, wrong
+
+
+async def test_times_and_flags_sort_in_order_and_name_without_case(store: Store) -> None:
+    """Times, booleans and case-folded names are in order, ties broken by id, on every database."""
+    devices = {d.id: d for d in await fleet(store)}
+    for raw in ("last_seen_at", "-last_seen_at", "blocked", "-created_at"):
+        field, desc = raw.removeprefix("-"), raw.startswith("-")
+        listed = await ids(store, DeviceQuery(sort=(raw,), limit=1000))
+        keyed = [(getattr(devices[i], field), i) for i in listed if getattr(devices[i], field) is not None]
+        present = [value for value, _ in keyed]
+        assert present == sorted(present, reverse=desc), raw
+        for (a, id_a), (b, id_b) in itertools.pairwise(keyed):
+            assert a != b or id_a < id_b, f"{raw}: ties go by id"
+    by_name = await ids(store, DeviceQuery(sort=("name",), limit=1000))
+    assert [devices[i].name.lower() for i in by_name if devices[i].name.isascii()] == sorted(
+        devices[i].name.lower() for i in by_name if devices[i].name.isascii()
+    )
+
+
+async def test_filters_and_summary_agree_on_every_database(store: Store) -> None:
+    """Search (any case, % literal), tags, locations, identification, presence, blocked, certificate
+    expiry and last seen select the same devices; the summary counts what the list lists."""
+    devices = await fleet(store)
+    by_id = {d.id: d for d in devices}
+
+    async def found(**filters: object) -> set[str]:
+        page = await store.list_devices(DeviceQuery(limit=1000, **filters))  # type: ignore[arg-type]
+        assert page.total == len(page.devices)
+        return {d.id for d in page.devices}
+
+    assert await found(search="METER") == {i for i, d in by_id.items() if "meter" in d.name.lower()}
+    assert await found(search="d_0") == {i for i in by_id if "d_0" in i.lower()}
+    assert await found(search="100%") == {i for i, d in by_id.items() if "100%" in d.name}
+    assert await found(tags=("prod",)) == {i for i, d in by_id.items() if "prod" in d.tags}
+    assert await found(location_ids=("site-1",)) == {
+        i for i, d in by_id.items() if "site-1" in d.location_ids
+    }
+    assert await found(application="metering") == {i for i, d in by_id.items() if d.application == "metering"}
+    assert await found(manufacturer="Acme", model="M1") == {
+        i for i, d in by_id.items() if (d.manufacturer, d.model) == ("Acme", "M1")
+    }
+    assert await found(connection=Connection.ONLINE) == {
+        i for i, d in by_id.items() if d.connection is Connection.ONLINE
+    }
+    assert await found(blocked="only") == {i for i, d in by_id.items() if d.blocked}
+    assert await found(blocked="hide", status=DeviceStatus.ACTIVE) == {
+        i for i, d in by_id.items() if not d.blocked and d.status is DeviceStatus.ACTIVE
+    }
+    for days in (7, 30, 400):
+        limit = NOW + timedelta(days=days)
+        assert await found(cert_expires_before=limit) == {
+            i for i, d in by_id.items() if d.certificate is not None and d.certificate.not_after <= limit
+        }, days
+    moment = NOW - timedelta(hours=1, minutes=30)
+    assert await found(last_seen_before=moment) == {
+        i for i, d in by_id.items() if d.last_seen_at is not None and d.last_seen_at < moment
+    }
+
+    summary = await store.device_summary(DeviceQuery(), NOW)
+    assert summary.total == len(devices)
+    assert summary.blocked == sum(d.blocked for d in devices)
+    assert summary.status["active"] == sum(d.status is DeviceStatus.ACTIVE for d in devices)
+    assert summary.connection == {c.value: sum(d.connection is c for d in devices) for c in Connection}
+    assert dict(summary.application) == {
+        value: sum(d.application == value for d in devices) for value in {d.application for d in devices}
+    }
+    assert summary.certificates_expiring == {
+        label: sum(
+            d.certificate is not None and d.certificate.not_after <= NOW + timedelta(days=days)
+            for d in devices
+        )
+        for label, days in (("7d", 7), ("30d", 30))
+    }
+    narrowed = await store.device_summary(DeviceQuery(tags=("prod",)), NOW)
+    assert narrowed.total == len(await found(tags=("prod",)))
+
+
+async def test_cursor_pages_continue_after_rows_inserted_before_and_after_them(store: Store) -> None:
+    """Rows inserted between pages, before and after the cursor, never repeat or skip an old one."""
+    await fleet(store)
+    query = DeviceQuery(sort=("name",), limit=4)
+    first = await store.list_devices(query)
+    assert first.next is not None
+    for index, name in enumerate(["!!! first", "pz middle", "zzzz last"]):
+        await store.create_device(DeviceId(f"new-{index}"), name, utcnow())
+    rest = await paged(store, dataclasses.replace(query, after=first.next), 3)
+    seen = [d.id for d in first.devices] + rest
+    assert len(seen) == len(set(seen))
+    assert "new-0" not in rest and {"new-1", "new-2"} <= set(rest)
+    old = {d.id for d in (await store.list_devices(DeviceQuery(limit=1000))).devices} - {
+        "new-0",
+        "new-1",
+        "new-2",
+    }
+    assert old <= set(seen)
+
+
+async def test_a_deleted_device_takes_its_tags_locations_and_certificates_filter_with_it(
+    store: Store,
+) -> None:
+    """Deleting a device removes its tag and location rows (cascade): filters never list ghosts."""
+    await fleet(store)
+    tagged = await ids(store, DeviceQuery(tags=("prod",), limit=1000))
+    await store.delete_device(tagged[0])
+    assert tagged[0] not in await ids(store, DeviceQuery(tags=("prod",), limit=1000))
+    summary = await store.device_summary(DeviceQuery(tags=("prod",)), NOW)
+    assert summary.total == len(tagged) - 1
