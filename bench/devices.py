@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import sqlite3
 import ssl
@@ -227,7 +228,8 @@ async def timed(runs: list[tuple[str, Callable[[], Awaitable[None]]]]) -> Sample
 
 
 def report(path: str, samples: Samples) -> None:
-    print(f"\n== {path}: ms per query (limit 100); wall, and CPU of this process")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n== {path}: ms per query (limit 100); wall, and CPU of this process; load average {load}")
     print(f"{'scenario':44} {'p50':>7} {'p99':>7} {'max':>7} | {'cpu p50':>7} {'cpu p99':>7}")
 
     def line(name: str, rows: list[tuple[float, float]]) -> None:

@@ -153,16 +153,9 @@ async def _expiring(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) 
     return ids if len(ids) <= _EXPIRING_FEW else None
 
 
-def conditions(
-    query: DeviceQuery, *, sqlite: bool, walk: bool = False, expiring: list[str] | None = None
-) -> Any:
-    """The WHERE clause of the query's filters (its order and page aside).
-
-    On SQLite, with `walk` no filter may pick an index, so that it walks the sort order
-    (`page`); and the state columns (status, connection, blocked: a few values each) seek
-    an index only when no other filter can, since a state matches much of a fleet.
-    """
-    narrower = bool(
+def _narrows(query: DeviceQuery) -> bool:
+    """Has the query a filter besides the state columns?"""
+    return bool(
         query.search
         or query.tags
         or query.location_ids
@@ -172,6 +165,24 @@ def conditions(
         or query.cert_expires_before
         or query.last_seen_before
     )
+
+
+def _filters(query: DeviceQuery) -> bool:
+    return (
+        _narrows(query) or query.blocked != "all" or query.status is not None or query.connection is not None
+    )
+
+
+def conditions(
+    query: DeviceQuery, *, sqlite: bool, walk: bool = False, expiring: list[str] | None = None
+) -> Any:
+    """The WHERE clause of the query's filters (its order and page aside).
+
+    On SQLite, with `walk` no filter may pick an index, so that it walks the sort order
+    (`page`); and the state columns (status, connection, blocked: a few values each) seek
+    an index only when no other filter can, since a state matches much of a fleet.
+    """
+    narrower = _narrows(query)
 
     def c(name: str) -> Any:
         column = devices.c[name]
@@ -228,6 +239,8 @@ async def page(
     where = conditions(query, sqlite=sqlite, expiring=expiring)
     if not sqlite:
         total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
+    elif not _filters(query):  # every device: count, then walk the order
+        total = (await conn.execute(select(func.count()).select_from(devices))).scalar_one()
     else:
         # Few matches: their rowids are the total and the page's candidates (one pass over the
         # filters). Many: count them, then walk the sort order or sort them, whichever is cheaper.
