@@ -33,7 +33,7 @@ from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery
 from gateway.errors import InvalidValue, StoreUnavailable
 
-Text = Annotated[str | None, Query(max_length=200)]
+ShortText = Annotated[str | None, Query(max_length=200)]
 
 
 def device_filters(
@@ -45,9 +45,9 @@ def device_filters(
     location_id: Annotated[
         list[str] | None, Query(description="placed in this location; repeat: in them all")
     ] = None,
-    application: Text = None,
-    manufacturer: Text = None,
-    model: Text = None,
+    application: ShortText = None,
+    manufacturer: ShortText = None,
+    model: ShortText = None,
     cert_expires_within: Annotated[
         str | None, Query(description="newest valid certificate ends within, e.g. 30d, 12h")
     ] = None,
