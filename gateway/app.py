@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -297,6 +298,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     app = GatewayApp(settings)
     try:
         await app.start()
+        # What start-up built lives as long as the process: out of the collector's sight,
+        # a full collection scans only what came later (~155k objects took 150-250 ms per
+        # pass, an event-loop stall every few seconds under load; ~10 ms once frozen).
+        gc.collect()
+        gc.freeze()
         await stop.wait()
     finally:
         await app.stop()
