@@ -1,13 +1,16 @@
-"""DeviceData's SQLite writer thread: the registry's busy timeout, one thread, a clean close,
-and rows stored exactly as SQLAlchemy stores them.
+"""DeviceData's writes: on SQLite the writer thread (the registry's busy timeout, one thread,
+a clean close, rows stored exactly as SQLAlchemy stores them); on both databases a batch of
+every kind of row read back.
 
 A real SQLite file in `tmp_path`; the lock is held from a second connection, as in
-tests/integration/test_ingest.py.
+tests/integration/test_ingest.py. PostgreSQL runs when ``GATEWAY_TEST_POSTGRES_URL`` names a
+database this test may empty; otherwise it is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,11 +24,14 @@ from sqlalchemy.exc import OperationalError
 
 from gateway.core.clock import utcnow
 from gateway.core.ids import DeviceId
+from gateway.core.records import TimeWindow
 from gateway.store import Store
 from gateway.store.data import DeviceData, IngestBatch, health, readings
+from gateway.store.models import Base
 from tests.integration.test_ingest import health_row, reading_row, write_locked
 
 DEVICE = "dev-writer-1"
+POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 
 
 @pytest.fixture
@@ -123,3 +129,74 @@ async def test_rows_written_through_the_driver_are_stored_exactly_as_sqlalchemy_
             ours = [row[2:] for row in raw if row[1] == DEVICE]
             reference = [row[2:] for row in raw if row[1] == other]
             assert ours == reference and len(ours) == len(rows if table == "readings" else healths)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A registry with one device, on SQLite (the writer thread) or PostgreSQL (run_sync)."""
+    if request.param == "postgresql":
+        if not POSTGRES_URL:
+            pytest.skip("GATEWAY_TEST_POSTGRES_URL not set")
+        store = Store(POSTGRES_URL)
+        async with store.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+    else:
+        store = Store(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    await store.create_schema()
+    await store.create_device(DeviceId(DEVICE), "writer", utcnow())
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_every_kind_of_row_in_a_batch_is_stored_and_read_back(any_store: Store) -> None:
+    """One batch with readings of each type, health, components with sensors, info and
+    last_data: everything reads back as written, and a second batch updates, not duplicates."""
+    at = utcnow().replace(microsecond=0) - timedelta(minutes=5)
+    readings_in = [reading_row(DEVICE, at, 1.5), reading_row(DEVICE, at + timedelta(seconds=1), 0)]
+    readings_in[1].update(value_num=None, value_bool=True, component="board")
+    sensors_in = [
+        {"device_id": DEVICE, "component": "", "name": "t", "value_type": "number", "unit": None,
+         "created_at": at, "updated_at": at},
+    ]  # fmt: skip
+    announced = [
+        {"device_id": DEVICE, "component": "board", "name": "t", "value_type": "boolean", "unit": "x",
+         "created_at": at, "updated_at": at},
+    ]  # fmt: skip
+    component = {"device_id": DEVICE, "id": "board", "profile": "p1", "created_at": at, "updated_at": at}
+    data = DeviceData(any_store.engine)
+    try:
+        for _ in range(2):  # the second time: upserts update, sensors seen are not written again
+            result = await data.write_batch(
+                IngestBatch(
+                    readings=[dict(r) for r in readings_in],
+                    health=[{**health_row(DEVICE, at), "battery_pct": 50.0, "extra": '{"k":1}'}],
+                    info={DEVICE: {"model": "m1"}},
+                    components=[dict(component)],
+                    sensors=[dict(s) for s in sensors_in],
+                    announced_sensors=[dict(s) for s in announced],
+                    last_data={DEVICE: at},
+                )
+            )
+            assert (result.stored, result.dropped_unknown_device) == (3, 0)
+        stored = await data.readings(DEVICE, TimeWindow(limit=10))
+        assert sorted((r.sensor, r.component or "", r.value, r.value_type) for r in stored) == [
+            ("t", "", 1.5, "number"),
+            ("t", "", 1.5, "number"),
+            ("t", "board", True, "boolean"),
+            ("t", "board", True, "boolean"),
+        ]
+        assert {r.ts for r in stored} == {at, at + timedelta(seconds=1)}
+        latest = await data.latest_health(DEVICE)
+        assert latest is not None and (latest.battery_pct, latest.extra, latest.ts) == (50.0, {"k": 1}, at)
+        (board,) = await data.components_of(DEVICE)
+        assert (board.id, board.profile, [(s.name, s.value_type, s.unit) for s in board.sensors]) == (
+            "board",
+            "p1",
+            [("t", "boolean", "x")],
+        )
+        record = await any_store.get_device(DEVICE)
+        assert record.last_data_at == at
+    finally:
+        await data.close()
