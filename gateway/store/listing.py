@@ -61,7 +61,7 @@ certificates = cast(Table, Certificate.__table__)
 
 _STATE = frozenset({"status", "connection", "blocked"})
 _FEW = 5000  # matches up to which a page is found by their rowids
-_EXPIRING_FEW = 20_000  # expiring devices up to which the filter is a list of ids
+_EXPIRING_FEW = 20_000  # expiring certificates up to which the filter is a list of device ids
 SUMMARY_GROUPS_MAX = 100  # values listed per free-form field (application, model, firmware)
 EXPIRY_WINDOWS = {"7d": timedelta(days=7), "30d": timedelta(days=30)}
 _DEVICE = CertificateKind.DEVICE.value
@@ -111,9 +111,9 @@ def _newest_ends_by(ending: Any, device_id: Any, moment: datetime) -> Any:
     `moment`, and no unrevoked one of the device ends later (covering certificate indexes)."""
     later = certificates.alias("later")
     return and_(
-        ending.c.not_after <= moment,
-        ending.c.kind == _DEVICE,
-        ending.c.revoked_at.is_(None),
+        ending.c.not_after <= moment,  # the range SQLite should seek (not kind, nor revoked_at)
+        _Unindexed(ending.c.kind) == _DEVICE,
+        _Unindexed(ending.c.revoked_at).is_(None),
         ending.c.subject == device_id,
         ~exists().where(
             later.c.kind == _DEVICE,
@@ -145,7 +145,6 @@ async def _expiring(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) 
         await conn.execute(
             select(ending.c.subject)
             .where(_newest_ends_by(ending, ending.c.subject, query.cert_expires_before))
-            .distinct()
             .limit(_EXPIRING_FEW + 1)
         )
     ).scalars()
@@ -366,8 +365,8 @@ async def summary(conn: AsyncConnection, query: DeviceQuery, now: datetime, *, s
             valid.c.subject.in_(
                 select(certificates.c.subject).where(
                     certificates.c.not_after <= widest,
-                    certificates.c.kind == _DEVICE,
-                    certificates.c.revoked_at.is_(None),
+                    _Unindexed(certificates.c.kind) == _DEVICE,
+                    _Unindexed(certificates.c.revoked_at).is_(None),
                 )
             ),
         )
