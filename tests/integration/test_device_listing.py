@@ -311,8 +311,8 @@ async def test_offset_paging_still_works(gateway: Harness, api: httpx.AsyncClien
 async def test_cursor_pages_never_repeat_or_skip_a_device_while_others_are_inserted(
     gateway: Harness, api: httpx.AsyncClient
 ) -> None:
-    """Paging by name while new devices are registered concurrently: every device that existed
-    before lists exactly once, nothing lists twice. (Offset paging repeats a row in the same case.)"""
+    """Paging by name while devices are registered concurrently lists every earlier device exactly
+    once and nothing twice, where offset paging repeats a row."""
     rng = random.Random(7)
     letters = "abcdefghijklmnopqrstuvwxyz"
     before = set()
@@ -402,8 +402,8 @@ async def test_summary_counts_the_fleet_and_takes_the_list_filters(
 
 
 async def test_patch_sets_and_clears_the_detail_fields(gateway: Harness, api: httpx.AsyncClient) -> None:
-    """description, tags, location_ids, metadata and settings are set, shown, replaced and cleared;
-    updated_at moves only when something changed; one audit entry and event per change."""
+    """The detail fields are set, shown, replaced and cleared, with updated_at, an audit entry and a
+    log event only when something changed."""
     await register(api, "pump-1", "Pump")
     created = (await ok(api.get("/devices/pump-1")))["data"]
     assert (created["description"], created["tags"], created["location_ids"]) == (None, [], [])
