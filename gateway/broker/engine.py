@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import ssl
 from collections.abc import Callable
@@ -44,6 +45,12 @@ _ACTIONS = {
 # amqtt's per-session queue of inbound messages; unused for PUBLISH (the reader hands
 # them to the broker inline) but bounded in case anything else feeds it.
 DELIVERY_QUEUE_SIZE = 100
+# Fan-out bounds (amqtt's queue and its task per delivery are unbounded): messages waiting
+# to be fanned out, and deliveries in flight to one subscriber (a slow operator, a stalled
+# socket). Past them a message is dropped and counted; ingest and acknowledgements never wait.
+BROADCAST_QUEUE_SIZE = 10_000
+MAX_PENDING_DELIVERIES = 1_000
+_PENDING = "gateway.pending_deliveries"
 # Messages queued for a disconnected persistent session, and how long it is kept.
 OFFLINE_QUEUE_SIZE = 1000
 PERSISTENT_SESSION_EXPIRY_S = 7 * 24 * 3600
@@ -64,6 +71,8 @@ class _Broker(Broker):
         self.settings = settings
         self.refused = 0
         self.dropped_offline = 0
+        self.dropped_broadcasts = 0  # not fanned out: the queue before fan-out was full
+        self.dropped_deliveries = 0  # not delivered to one subscriber: it had too many in flight
         self.traffic: dict[str, TrafficCounter] = {}  # connection tag -> its counters, while it lasts
 
     @property
@@ -300,12 +309,32 @@ class _Broker(Broker):
                         await self._retain_broadcast_message(broadcast, qos, target)
                     continue
                 handler = self._get_handler(target)
-                if handler is not None:
-                    running_tasks.append(
-                        asyncio.ensure_future(
-                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
-                        )
-                    )
+                if handler is None:
+                    continue
+                pending: int = target.attributes.get(_PENDING, 0)
+                if pending >= MAX_PENDING_DELIVERIES:  # a slow subscriber loses messages, no one else does
+                    self.dropped_deliveries += 1
+                    continue
+                target.attributes[_PENDING] = pending + 1
+                publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                delivery = asyncio.ensure_future(publish)
+                delivery.add_done_callback(functools.partial(_delivered, target))
+                running_tasks.append(delivery)
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        """amqtt's fan-out queue, bounded: past BROADCAST_QUEUE_SIZE a message is counted, not kept."""
+        if self._broadcast_queue.qsize() >= BROADCAST_QUEUE_SIZE:
+            self.dropped_broadcasts += 1
+            if self.dropped_broadcasts % 1000 == 1:
+                log.warning("broker.broadcast_dropped", dropped=self.dropped_broadcasts, topic=topic)
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target: Session) -> None:
         """Queue for an offline persistent session, bounded: the oldest message wins, the rest is counted."""
@@ -313,6 +342,10 @@ class _Broker(Broker):
             self.dropped_offline += 1
             return
         await super()._retain_broadcast_message(broadcast, qos, target)
+
+
+def _delivered(target: Session, _: object) -> None:
+    target.attributes[_PENDING] = max(0, target.attributes.get(_PENDING, 1) - 1)
 
 
 class MqttEngine:

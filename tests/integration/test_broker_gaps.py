@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from gateway.mqtt_client import ConnectRefused, MqttClient, encode_connect, encode_publish
+from gateway.mqtt_client import ConnectRefused, MqttClient, encode_connect, encode_publish, encode_subscribe
 from tests.conftest import HOST, Creds, Harness
 from tests.integration.test_gateway import next_status, watcher
 
@@ -302,6 +302,35 @@ async def test_gap8_an_unexpected_error_in_a_hook_ends_only_that_session_and_is_
     assert any(entry["event"] == "session.crashed" and entry.get("exc_info") for entry in logs)
     await other.publish(f"devices/{bystander.name}/readings", '{"sensor":"t","value":1}', qos=1)
     assert gateway.app.engine.is_connected(bystander.name)
+
+
+async def test_fan_out_to_a_stalled_subscriber_is_bounded_and_spares_everyone_else(
+    gateway: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator that never acknowledges loses messages past its in-flight bound; others get all."""
+    from gateway.broker import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_PENDING_DELIVERIES", 20)
+    broker = gateway.app.engine._broker
+    creds = await gateway.device()
+    stalled_creds = await gateway.operator("stalled")
+    reader, writer = await asyncio.open_connection(
+        HOST, gateway.mqtt_port, ssl=stalled_creds.tls(), server_hostname=HOST
+    )
+    writer.write(encode_connect(client_id="stalled", keepalive=60, clean_session=True))
+    writer.write(encode_subscribe(1, [(f"devices/{creds.name}/readings", 1)]))
+    await writer.drain()
+    assert await reader.readexactly(4) == b"\x20\x02\x00\x00"
+    assert await reader.readexactly(5) == b"\x90\x03\x00\x01\x01"  # SUBACK, QoS 1; never a PUBACK
+    healthy = await gateway.connect(await gateway.operator("healthy"), client_id="")
+    await healthy.subscribe((f"devices/{creds.name}/readings", 1))
+    device = await gateway.connect(creds)
+    for index in range(60):
+        await device.publish(f"devices/{creds.name}/readings", f'{{"sensor":"t","value":{index}}}', qos=1)
+    received = [await healthy.next_message(timeout=5) for _ in range(60)]
+    assert len(received) == 60, "the acknowledging subscriber gets every message"
+    assert broker.dropped_deliveries >= 40, "the stalled one is bounded at 20 in flight"
+    await shut(writer)
 
 
 # --- gap 12: delivery QoS -------------------------------------------------------------------
