@@ -72,9 +72,14 @@ def _event_fields(detail: dict[str, object]) -> dict[str, object]:
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in detail.items()}
 
 
+def _unprintable(ch: str) -> bool:
+    return ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF
+
+
 def clean_name(name: str) -> str:
     name = name.strip() if isinstance(name, str) else ""
-    if not name or len(name) > MAX_NAME_LENGTH or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+    # Lone surrogates (JSON "\ud800") are not text: the database cannot store them.
+    if not name or len(name) > MAX_NAME_LENGTH or any(_unprintable(ch) for ch in name):
         raise InvalidValue(
             f"device name must be 1-{MAX_NAME_LENGTH} printable characters", code="invalid_name"
         )

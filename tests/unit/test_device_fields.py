@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from gateway.core import device_fields as fields
 from gateway.core.listing import SORT_FIELDS, Cursor, parse_sort
+from gateway.devices import clean_name
 from gateway.errors import InvalidValue
 
 
@@ -180,6 +181,13 @@ def test_accepted_tags_obey_every_rule(raw: list[str]) -> None:
     assert list(tags) == sorted(set(tags))
     assert len(tags) <= fields.LABELS_MAX
     assert all(1 <= len(tag) <= fields.LABEL_MAX and tag == tag.strip() for tag in tags)
+
+
+@pytest.mark.parametrize("raw", ["lone \ud800", "\udfff", "tab\tname", "del\x7f", "", "x" * 201])
+def test_device_names_refuse_surrogates_and_control_characters(raw: str) -> None:
+    """A name the database could not store (a lone surrogate) is refused like a control character."""
+    with pytest.raises(InvalidValue):
+        clean_name(raw)
 
 
 # --- sort keys and cursors ---------------------------------------------------------------
