@@ -75,8 +75,12 @@ def write_secret(path: Path, value: str) -> None:
     os.replace(tmp, path)
 
 
-async def initialise(settings: Settings) -> InitReport:
-    """Create the CA, server certificate, CRL, schema and admin token if missing (idempotent)."""
+async def initialise(settings: Settings, *, new_admin_token: bool = False) -> InitReport:
+    """Create the CA, server certificate, CRL, schema and admin token if missing (idempotent).
+
+    `new_admin_token` adds an admin token even if tokens exist: the way back in when every
+    admin token was revoked or lost (it needs the data directory, i.e. the host itself).
+    """
     report = InitReport()
     settings.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = utcnow()
@@ -89,9 +93,11 @@ async def initialise(settings: Settings) -> InitReport:
     store = Store(settings.database_url, busy_timeout_s=settings.database.busy_timeout_s)
     try:
         await store.create_schema()
-        if await store.tokens.count() == 0:
+        first = await store.tokens.count() == 0
+        if first or new_admin_token:
+            name = "admin" if first else f"admin-{now:%Y%m%d-%H%M%S}"  # names are unique for good
             created = await ApiTokens(store.tokens, Audit(AuditStore(store.engine))).create(
-                "admin", tokens.ALL_SCOPES
+                name, tokens.ALL_SCOPES
             )
             write_secret(settings.admin_token_path, created.value)
             report.admin_token = created.value

@@ -62,17 +62,25 @@ def root(
 def init(
     ctx: typer.Context,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    new_admin_token: Annotated[
+        bool,
+        typer.Option(
+            "--new-admin-token",
+            help="Also create a fresh admin API token (when every admin token was revoked or lost).",
+        ),
+    ] = False,
 ) -> None:
     """Create the CA, server certificate, CRL, database and admin API token (never overwrites).
 
     The admin token is printed once and written to <data_dir>/admin.token (mode 0600).
+    Locked out (all admin tokens revoked)? On the gateway's host: gateway init --new-admin-token
     """
     from gateway import logs  # noqa: PLC0415 - see _SERVICE_ONLY
     from gateway.app import initialise  # noqa: PLC0415 - see _SERVICE_ONLY
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
-    report = asyncio.run(initialise(settings))
+    report = asyncio.run(initialise(settings, new_admin_token=new_admin_token))
     if json_out:
         print_json(
             {

@@ -232,3 +232,10 @@ def test_init_prints_the_token_once_and_never_overwrites(tmp_path: Path) -> None
     again = cli("init")
     assert again.returncode == 0
     assert "nothing changed" in again.stdout
+
+    # Locked out (every admin token revoked or lost): a fresh one, from the host itself.
+    fresh = cli.json("init", "--new-admin-token")
+    assert fresh["admin_token"] and fresh["admin_token"] != first["admin_token"]
+    assert fresh["admin_token"] == (tmp_path / "data" / "admin.token").read_text().strip()
+    assert mode(tmp_path / "data" / "admin.token") == 0o600
+    assert (tmp_path / "certs" / "ca.key").read_bytes() == ca_key, "the CA is still never touched"
