@@ -3,8 +3,9 @@ operator and devices over real HTTPS and real mutual-TLS MQTT."""
 
 from __future__ import annotations
 
+import functools
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,57 @@ def _quiet_logs() -> None:
     from gateway import logs
 
     logs.configure(LoggingSettings(level="info", format="console"), cache=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL the tests may empty: ``GATEWAY_TEST_POSTGRES_URL``, or a throwaway server
+    (Debian's postgresql package, as `.ci/system-deps` installs it) on 127.0.0.1 and a free port."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    given = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail(
+            "no PostgreSQL server: run ./.ci/system-deps (apt-get install postgresql) "
+            "or set GATEWAY_TEST_POSTGRES_URL"
+        )
+    bin_dir = Path(found[-1]).parent
+    # Not under pytest's tmp_path: its parents are private to us, and the server is another user.
+    data = Path(tempfile.mkdtemp(prefix="gateway-test-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=120)
+    run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"])
+    options = f"-c listen_addresses={HOST} -p {port} -k {data} -c fsync=off"
+    pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]
+    run([*pg_ctl, "-o", options, "-w", "-l", str(data / "log"), "start"])
+    try:
+        yield f"postgresql+asyncpg://postgres@{HOST}:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*pg_ctl, "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        shutil.rmtree(data, ignore_errors=True)

@@ -3,14 +3,13 @@ a clean close, rows stored exactly as SQLAlchemy stores them); on both databases
 every kind of row read back.
 
 A real SQLite file in `tmp_path`; the lock is held from a second connection, as in
-tests/integration/test_ingest.py. PostgreSQL runs when ``GATEWAY_TEST_POSTGRES_URL`` names a
-database this test may empty; otherwise it is skipped.
+tests/integration/test_ingest.py. PostgreSQL is the `postgres_url` fixture's
+(tests/conftest.py): a throwaway server, or ``GATEWAY_TEST_POSTGRES_URL``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +30,6 @@ from gateway.store.models import Base
 from tests.integration.test_ingest import health_row, reading_row, write_locked
 
 DEVICE = "dev-writer-1"
-POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 
 
 @pytest.fixture
@@ -135,9 +133,7 @@ async def test_rows_written_through_the_driver_are_stored_exactly_as_sqlalchemy_
 async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A registry with one device, on SQLite (the writer thread) or PostgreSQL (run_sync)."""
     if request.param == "postgresql":
-        if not POSTGRES_URL:
-            pytest.skip("GATEWAY_TEST_POSTGRES_URL not set")
-        store = Store(POSTGRES_URL)
+        store = Store(request.getfixturevalue("postgres_url"))
         async with store.engine.begin() as conn:
             await conn.run_sync(Base.metadata.drop_all)
     else:

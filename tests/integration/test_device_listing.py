@@ -340,7 +340,10 @@ async def test_cursor_pages_never_repeat_or_skip_a_device_while_others_are_inser
                 cursor = body["next"]
                 if cursor is None:
                     return ids
-                await asyncio.sleep(0)
+                seen = len(inserted)  # let at least one registration land between two pages
+                async with asyncio.timeout(10):
+                    while len(inserted) == seen:
+                        await asyncio.sleep(0.005)
         finally:
             stop.set()
 

@@ -1,15 +1,14 @@
 """The device listing in the store, on each database and each SQLite plan: every sort pages by
 cursor exactly as one page lists, empty values last both ways; filters and summary agree.
 
-PostgreSQL runs when ``GATEWAY_TEST_POSTGRES_URL`` names a database this test may empty
-(e.g. ``postgresql+asyncpg://postgres@127.0.0.1:5432/gateway_test``); otherwise it is skipped.
+PostgreSQL is the `postgres_url` fixture's (tests/conftest.py): a throwaway server, or
+``GATEWAY_TEST_POSTGRES_URL`` naming a database the test may empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
@@ -25,7 +24,6 @@ from gateway.core.records import DeviceQuery, DeviceRecord, NewCertificate
 from gateway.store import Store, listing
 from gateway.store.models import Base
 
-POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 NOW = utcnow()
 
 
@@ -36,9 +34,7 @@ async def store(
     """An empty registry: SQLite finding pages from the matches' rowids (few matches), SQLite
     counting first (as with many matches: walk the order or sort), or PostgreSQL."""
     if request.param == "postgresql":
-        if not POSTGRES_URL:
-            pytest.skip("GATEWAY_TEST_POSTGRES_URL not set")
-        store = Store(POSTGRES_URL)
+        store = Store(request.getfixturevalue("postgres_url"))
         async with store.engine.begin() as conn:
             await conn.run_sync(Base.metadata.drop_all)
     else:
