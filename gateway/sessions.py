@@ -3,7 +3,8 @@
 Receives, from the broker adapter, each CONNECT (peer certificate and claims), each
 session start and end, and each PUBLISH that passed or failed the ACL; hands on an
 admission decision (`gateway.core.admission.decide` over the registry's records),
-presence changes, refusal logs, ``gateway/events/connect_failed`` events, each refusal
+presence changes, refusal logs, ``gateway/events/connect_failed`` events (rate-limited
+per certificate or address and reason; the next event says how many were left out), each refusal
 to the connect-failure tally (`gateway.failures`), each device session's start and end
 to the connection history (`gateway.history`), the devices' data to ingest (whose
 future releases the PUBLISH's acknowledgement), and certificate renewals and first
@@ -13,6 +14,7 @@ uses to the certificate lifecycle.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from gateway.broker import LiveSession, Peer
 from gateway.core import topics
@@ -29,6 +31,7 @@ from gateway.core.clock import utcnow
 from gateway.core.failures import Attempt
 from gateway.core.ids import Fingerprint
 from gateway.core.presence import OfflineReason
+from gateway.core.ratelimit import Rate, RateLimiter
 from gateway.credentials import CertificateLifecycle
 from gateway.events import Events
 from gateway.failures import ConnectFailures
@@ -39,6 +42,10 @@ from gateway.presence import PresenceService
 from gateway.store import Store
 
 log = get_logger("gateway.sessions")
+
+# connect_failed events per (certificate or address, reason): a burst, then one per 12 s.
+CONNECT_FAILED_EVENTS = Rate(5, per_s=60.0)
+MAX_SUPPRESSED_KEYS = 10_000
 
 
 class Gatekeeper:
@@ -63,6 +70,9 @@ class Gatekeeper:
         self._failures = failures
         self.denied_publishes = 0
         self.accepted_publishes = 0
+        self._event_limit = RateLimiter(CONNECT_FAILED_EVENTS)
+        self._suppressed: dict[str, int] = {}
+        self.suppressed_events = 0
 
     async def admit(self, peer: Peer, claims: ConnectClaims) -> Decision:
         fingerprint = Fingerprint.of_der(peer.certificate_der) if peer.certificate_der else None
@@ -105,6 +115,13 @@ class Gatekeeper:
                 certificate_der=peer.certificate_der,
             )
         )
+        key = f"{fingerprint.value if fingerprint else peer.host}|{decision.reason.value}"
+        if not self._event_limit.allow(key, time.monotonic()).allowed:
+            # A client retrying in a loop: counted (and tallied above), not one event per try.
+            self.suppressed_events += 1
+            if key in self._suppressed or len(self._suppressed) < MAX_SUPPRESSED_KEYS:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return decision
         await self._events.emit(
             "connect_failed",
             reason=decision.reason.value,
@@ -112,6 +129,7 @@ class Gatekeeper:
             fingerprint=fingerprint.value if fingerprint else None,
             client_id=claims.client_id,
             client_ip=peer.host,
+            suppressed=self._suppressed.pop(key, 0),  # like refusals not published since the last
         )
         return decision
 

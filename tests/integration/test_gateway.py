@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -173,6 +174,36 @@ async def test_refusals_are_logged_and_published(gateway: Harness) -> None:
     assert event["reason"] == "client_id_mismatch"
     assert event["client_id"] == "not-me"
     assert len(event["fingerprint"]) == 64
+
+
+async def test_a_client_retrying_in_a_loop_is_one_event_per_interval_not_one_per_try(
+    gateway: Harness,
+) -> None:
+    """connect_failed events are limited per certificate and reason; the next one counts those left out."""
+    from gateway.core.ratelimit import Rate, RateLimiter
+
+    gateway.app.gatekeeper._event_limit = RateLimiter(Rate(2, per_s=1.0))  # a burst of 2, then 1 per 0.5 s
+    ops = await watcher(gateway)
+    creds = unregistered(gateway, "looping")
+
+    async def refused() -> None:
+        with pytest.raises(ConnectRefused):
+            await gateway.client("looping").connect(
+                HOST, gateway.mqtt_port, ssl=creds.tls(), server_hostname=HOST
+            )
+
+    for _ in range(10):
+        await refused()
+    await asyncio.sleep(0.6)
+    await refused()  # the bucket refilled: published, with the count of those left out
+    events = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            message = await ops.next_message(timeout=1)
+            if message.topic == "gateway/events/connect_failed":
+                events.append(json.loads(message.payload))
+    assert [e["suppressed"] for e in events] == [0, 0, 8]
+    assert gateway.app.gatekeeper.suppressed_events == 8
 
 
 def live_objects() -> dict[str, int]:
