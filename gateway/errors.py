@@ -4,7 +4,8 @@
     ├── ConfigError            settings unreadable or invalid
     ├── InvalidValue           a value object refused its input (ids, topics, payloads)
     │   ├── ProtocolViolation  an MQTT packet breaks the 3.1.1 rules: the connection is closed
-    │   └── RowsRejected       rows of a bulk request refused, each with its reason (``rows``)
+    │   ├── RowsRejected       rows of a bulk request refused, each with its reason (``rows``)
+    │   └── FieldRejected      one field of a body refused; ``path`` names it (``settings.interval_s``)
     ├── NotFound               a device / token / certificate does not exist
     ├── Conflict               the request clashes with current state (duplicate id, final status)
     ├── InvalidTransition      a lifecycle change the table does not allow
@@ -55,6 +56,14 @@ class RowsRejected(InvalidValue):
     def __init__(self, message: str, *, rows: list[dict[str, object]]) -> None:
         super().__init__(message)
         self.rows = rows
+
+
+class FieldRejected(InvalidValue):
+    """A value refused at a place in a request body; `path` says where (``settings.interval_s``)."""
+
+    def __init__(self, message: str, *, path: str, code: str | None = None) -> None:
+        super().__init__(f"{path}: {message}", code=code)
+        self.path = path
 
 
 class NotFound(GatewayError):

@@ -2,7 +2,8 @@
 
 The one table mapping the gateway's exceptions to HTTP statuses (`STATUS`). Unknown
 exceptions become 500 with a generic message; their details go to the log only. A refused
-bulk request (`RowsRejected`) adds ``rows`` to the error: each row's number, code and reason.
+bulk request (`RowsRejected`) adds ``rows`` to the error: each row's number, code and reason; a
+refused field (`FieldRejected`) adds its ``path`` (``settings.interval_s``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import (
     Conflict,
+    FieldRejected,
     Forbidden,
     GatewayError,
     InvalidTransition,
@@ -56,7 +58,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        extra = {"rows": exc.rows} if isinstance(exc, RowsRejected) else {}
+        extra: dict[str, Any] = {"rows": exc.rows} if isinstance(exc, RowsRejected) else {}
+        if isinstance(exc, FieldRejected):
+            extra["path"] = exc.path
         return JSONResponse(
             error_body(exc.code, exc.message, **extra), status_code=status_of(exc), headers=headers
         )
