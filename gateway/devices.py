@@ -5,7 +5,9 @@ Receives validated requests from the API; hands on registry changes (store), new
 certificates (PKI), a re-signed CRL and fresh TLS context after every revocation
 (`Revocations`), kicks of live sessions, and ``gateway/events/device`` events.
 Access is withdrawn in the database first, then the live session is cut, so a
-reconnect racing the kick is refused too.
+reconnect racing the kick is refused too. A change of the detail fields is checked against
+the records they point to (`_checked_details`): added location ids must name sites, and a
+device's profile must exist and its settings conform to it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, cast
 
 import ca
 from gateway.audit import Audit, acting_as, current_actor, snapshot
-from gateway.core import device_fields, lifecycle, tokens
+from gateway.core import device_fields, lifecycle, sites, tokens
 from gateway.core.admission import CertificateKind
 from gateway.core.clock import iso, utcnow
 from gateway.core.ids import DeviceId
@@ -25,7 +27,7 @@ from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
 from gateway.core.presence import OfflineReason
 from gateway.core.records import CertificateRecord, DevicePage, DeviceQuery, DeviceRecord, DeviceSummary
 from gateway.credentials import Revocations
-from gateway.errors import Conflict, InvalidValue, ProvisioningRefused
+from gateway.errors import Conflict, FieldRejected, InvalidValue, NotFound, ProvisioningRefused
 from gateway.events import Events
 from gateway.logs import get_logger
 from gateway.pki import Pki
@@ -261,6 +263,7 @@ class DeviceService:
         if status is not None:
             lifecycle.event_for_requested(status)
         device = await self._store.get_device(device_id)
+        await self._checked_details(device, parsed)
         if name is not None:
             device = await self.rename(device_id, name)
         if parsed:
@@ -270,18 +273,49 @@ class DeviceService:
         return device
 
     async def update_details(self, device_id: str, details: Mapping[str, object]) -> DeviceRecord:
-        """Description, tags, location ids, metadata, settings: each present one replaced.
+        """Description, tags, location ids, metadata, settings, profile: each present one replaced.
 
         Recorded (and ``updated_at`` moved) only when something actually changed.
         """
         parsed = device_fields.parse_details(details)
         before = await self._store.get_device(device_id)
-        changed = {name: value for name, value in parsed.items() if getattr(before, name) != value}
+        changed = await self._checked_details(before, parsed)
         if not changed:
             return before
         device = await self._store.update_device(device_id, utcnow(), **changed)
         await self._changed("updated", device_id, before, device, fields=sorted(changed))
         return device
+
+    async def _checked_details(self, before: DeviceRecord, parsed: Mapping[str, object]) -> dict[str, object]:
+        """The parsed detail fields that differ from `before`, checked against other records.
+
+        Every location id the change adds must name a site (`gateway.core.sites`). When the
+        device has a profile after the change, and the change assigns it or touches the
+        settings, the profile must exist and the settings conform to it; its fixed fields
+        keep their value unless the change assigns the profile (`gateway.core.profiles`).
+        """
+        changed = {name: value for name, value in parsed.items() if getattr(before, name) != value}
+        locations = cast(tuple[str, ...], changed.get("location_ids", before.location_ids))
+        added = sites.added_locations(before.location_ids, locations)
+        missing = await self._store.sites.missing(added) if added else []
+        if missing:
+            raise FieldRejected(
+                f"no such site(s): {', '.join(missing)} (create them under /sites first)",
+                path="location_ids",
+                code="unknown_site",
+            )
+        profile_id = cast(str | None, changed.get("profile_id", before.profile_id))
+        if profile_id is None or not {"profile_id", "settings"} & set(changed):
+            return changed
+        try:
+            profile = await self._store.profiles.get(profile_id)
+        except NotFound as exc:
+            raise FieldRejected(
+                f"no such device profile: {profile_id}", path="profile_id", code="unknown_profile"
+            ) from exc
+        settings = cast(dict[str, object], changed.get("settings", before.settings))
+        profile.spec.check_settings(settings, None if "profile_id" in changed else before.settings)
+        return changed
 
     async def rename(self, device_id: str, name: str) -> DeviceRecord:
         before = await self._store.get_device(device_id)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
 import gateway
-from gateway.api import audit, bulk, credentials, data, errors, failures, history, tokens
+from gateway.api import (
+    audit,
+    bulk,
+    credentials,
+    data,
+    errors,
+    failures,
+    groups,
+    history,
+    profiles,
+    sites,
+    tokens,
+)
 from gateway.api.auth import ADMIN, READ, WRITE, ApiContext, context
 from gateway.api.schemas import (
     DeviceEnvelope,
@@ -22,21 +33,24 @@ from gateway.api.schemas import (
     RegisterIn,
     Success,
     SummaryEnvelope,
+    device_list,
     device_out,
+    page_query,
     summary_out,
     when,
 )
-from gateway.core import device_fields, listing
+from gateway.core import device_fields
 from gateway.core.clock import parse_duration, utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery
-from gateway.errors import InvalidValue, StoreUnavailable
+from gateway.errors import StoreUnavailable
 
 ShortText = Annotated[str | None, Query(max_length=200)]
 
 
-def device_filters(
+async def device_filters(
+    request: Request,
     search: Annotated[str | None, Query(max_length=200, description="in name or id, any case")] = None,
     blocked: Literal["all", "hide", "only"] = "all",
     status: Literal["pending", "active", "inactive", "maintenance", "revoked"] | None = None,
@@ -53,6 +67,14 @@ def device_filters(
     ] = None,
     last_seen_before: Annotated[
         datetime | None, Query(description="ISO 8601; last packet before then (never seen: not listed)")
+    ] = None,
+    group: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="in this device group: a static group's members, or the devices a dynamic "
+            "group's saved filter matches (ANDed with these filters)",
+        ),
     ] = None,
 ) -> DeviceQuery:
     """The filters shared by the listing and the summary, parsed once."""
@@ -71,6 +93,7 @@ def device_filters(
         model=model,
         cert_expires_before=expires_before,
         last_seen_before=last_seen_before,
+        group=await context(request).groups.scope(group) if group else None,
     )
 
 
@@ -103,24 +126,8 @@ def build_router() -> APIRouter:
         ] = None,
     ) -> DeviceList:
         """List devices with filters, sorting and paging (by offset, or by cursor: stable under inserts)."""
-        keys = listing.parse_sort(sort)
-        if cursor and offset:
-            raise InvalidValue("pass either cursor or offset, not both", code="invalid_cursor")
-        query = dataclasses.replace(
-            filters,
-            sort=keys,
-            limit=limit,
-            offset=offset,
-            after=listing.Cursor.decode(cursor, keys) if cursor else None,
-        )
-        page = await context(request).devices.find(query)
-        return DeviceList(
-            data=[device_out(d) for d in page.devices],
-            total=page.total,
-            limit=limit,
-            offset=offset,
-            next=page.next.encode() if page.next else None,
-        )
+        query = page_query(filters, sort, limit, offset, cursor)
+        return device_list(await context(request).devices.find(query), limit, offset)
 
     @r.get("/devices/summary", response_model=SummaryEnvelope, dependencies=[READ], tags=["devices"])
     async def summary(request: Request, filters: Filters) -> SummaryEnvelope:
@@ -201,6 +208,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(bulk.build_router(), prefix="/api/v1")
     app.include_router(history.build_router(), prefix="/api/v1")
     app.include_router(failures.build_router(), prefix="/api/v1")
+    app.include_router(groups.build_router(), prefix="/api/v1")
+    app.include_router(sites.build_router(), prefix="/api/v1")
+    app.include_router(profiles.build_router(), prefix="/api/v1")
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz(request: Request, response: Response) -> Health:

@@ -15,8 +15,11 @@ from gateway.core import tokens
 from gateway.devices import DeviceService
 from gateway.errors import Forbidden, Unauthorized
 from gateway.failures import ConnectFailures
+from gateway.groups import GroupService
 from gateway.history import ConnectionHistory
 from gateway.pki import Pki
+from gateway.profiles import ProfileService
+from gateway.sites import SiteService
 from gateway.store import Store
 from gateway.store.audit import AuditStore
 from gateway.store.data import DeviceData
@@ -39,6 +42,19 @@ class ApiContext:
     def tokens(self) -> ApiTokens:
         """Built from the store and the audit trail, once, so that every context has it."""
         return ApiTokens(self.store.tokens, Audit(self.audit))
+
+    @cached_property
+    def groups(self) -> GroupService:
+        """Device groups (built like `tokens`); members are listed through `devices`."""
+        return GroupService(self.store.groups, self.devices, Audit(self.audit))
+
+    @cached_property
+    def sites(self) -> SiteService:
+        return SiteService(self.store.sites, Audit(self.audit))
+
+    @cached_property
+    def profiles(self) -> ProfileService:
+        return ProfileService(self.store.profiles, Audit(self.audit))
 
 
 def context(request: Request) -> ApiContext:

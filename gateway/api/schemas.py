@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.core import device_fields
+from gateway.core import device_fields, listing
 from gateway.core.clock import iso
-from gateway.core.records import DeviceRecord, DeviceSummary
+from gateway.core.records import DevicePage, DeviceQuery, DeviceRecord, DeviceSummary
+from gateway.errors import InvalidValue
 
 
 class RequestBody(BaseModel):
@@ -51,6 +53,7 @@ class DeviceOut(BaseModel):
     location_ids: list[str]
     metadata: dict[str, Any]
     settings: dict[str, Any]
+    profile_id: str | None = Field(description="its device profile (/device-profiles), if any")
 
 
 def device_out(device: DeviceRecord) -> DeviceOut:
@@ -88,6 +91,7 @@ def device_out(device: DeviceRecord) -> DeviceOut:
         location_ids=list(device.location_ids),
         metadata=device.metadata,
         settings=device.settings,
+        profile_id=device.profile_id,
     )
 
 
@@ -101,6 +105,32 @@ class DeviceList(BaseModel):
     limit: int
     offset: int
     next: str | None = Field(description="cursor of the next page (pass it as `cursor`); null on the last")
+
+
+def page_query(
+    filters: DeviceQuery, sort: str | None, limit: int, offset: int, cursor: str | None
+) -> DeviceQuery:
+    """A device query's order and page from the listing's parameters (by offset, or by cursor)."""
+    keys = listing.parse_sort(sort)
+    if cursor and offset:
+        raise InvalidValue("pass either cursor or offset, not both", code="invalid_cursor")
+    return dataclasses.replace(
+        filters,
+        sort=keys,
+        limit=limit,
+        offset=offset,
+        after=listing.Cursor.decode(cursor, keys) if cursor else None,
+    )
+
+
+def device_list(page: DevicePage, limit: int, offset: int) -> DeviceList:
+    return DeviceList(
+        data=[device_out(d) for d in page.devices],
+        total=page.total,
+        limit=limit,
+        offset=offset,
+        next=page.next.encode() if page.next else None,
+    )
 
 
 class Counted(BaseModel):
@@ -161,10 +191,16 @@ class PatchIn(RequestBody):
     status: Literal["active", "inactive", "maintenance"] | None = None
     description: str | None = Field(default=None, description="up to 1,000 characters; null clears")
     tags: list[str] | None = Field(default=None, description="replaces the set; [] or null clears")
-    location_ids: list[str] | None = Field(default=None, description="replaces the set; [] or null clears")
     metadata: dict[str, Any] | None = Field(default=None, description="free-form JSON object, replaced")
     settings: dict[str, Any] | None = Field(
-        default=None, description="per-integration settings (JSON object), replaced"
+        default=None,
+        description="per-integration settings (JSON object), replaced; checked against the device's profile",
+    )
+    location_ids: list[str] | None = Field(
+        default=None, description="site ids (/sites), replaced; each one added must exist; [] or null clears"
+    )
+    profile_id: str | None = Field(
+        default=None, description="a device profile's id (/device-profiles); null removes the profile"
     )
 
     def details(self) -> dict[str, object]:

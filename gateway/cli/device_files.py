@@ -4,7 +4,7 @@ Receives a file's text; hands back one JSON object per device, with the line it 
 from, and the problems found (line, message). Pure: no I/O beyond the text given.
 
 Columns (CSV header, JSON keys): ``name`` (required), ``id`` (optional: the gateway makes
-one), ``description``, ``tags``, ``location_ids``, ``metadata``, ``settings``. In CSV an
+one), ``description``, ``tags``, ``location_ids``, ``metadata``, ``settings``, ``profile_id``. In CSV an
 empty cell is an absent field; ``tags`` and ``location_ids`` are ``;``-separated (or a
 JSON array, written so when a label holds a ``;``); ``metadata`` and ``settings`` are JSON
 objects. What a value may be is the gateway's to judge (`gateway.core.device_fields`); this
@@ -37,6 +37,7 @@ COLUMNS: dict[str, Kind] = {
     "location_ids": "labels",
     "metadata": "object",
     "settings": "object",
+    "profile_id": "text",
 }
 TOKEN_COLUMNS = ("id", "token", "expires_at")
 

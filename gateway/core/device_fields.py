@@ -10,10 +10,12 @@ normalised values or raises `InvalidValue`:
   the result is sorted (the store keeps them as a set);
 - ``metadata`` and ``settings``: JSON objects, nested at most `JSON_DEPTH_MAX` deep and
   at most `JSON_BYTES_MAX` bytes as compact UTF-8 JSON; numbers finite, integers within
-  64 bits, text valid Unicode (no lone surrogates).
+  64 bits, text valid Unicode (no lone surrogates);
+- ``profile_id``: a device profile's id (`gateway.core.catalog.RecordId`), or ``None``.
 
-``settings`` are per-integration settings; when device profiles arrive, their schema
-check belongs next to `parse_settings`, which every write already goes through.
+These are the rules of each value alone. The rules between a device's values and other
+records (a profile's schema over ``settings``, ``location_ids`` naming sites, the profile
+existing) are `DeviceService.update_details`' (`gateway.core.profiles`, `gateway.core.sites`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.core.catalog import RecordId
 from gateway.errors import InvalidValue
 
 DESCRIPTION_MAX = 1000
@@ -145,8 +148,17 @@ def parse_metadata(raw: object) -> JsonObject:
 
 
 def parse_settings(raw: object) -> JsonObject:
-    """Per-integration settings: a JSON object within the limits (a profile's schema goes here)."""
+    """Per-integration settings: a JSON object within the limits (its profile's schema aside)."""
     return parse_json_object(raw, "settings")
+
+
+def parse_profile_id(raw: object) -> str | None:
+    """The device's profile: a profile id, or ``None`` (blank too) for none."""
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise InvalidValue("profile_id must be a profile id or null", code="invalid_profile_id")
+    return RecordId("profile", raw.strip()).value
 
 
 def dump_json(value: JsonObject) -> str:
@@ -161,6 +173,7 @@ DETAIL_FIELDS: dict[str, Callable[[object], object]] = {
     "location_ids": parse_location_ids,
     "metadata": parse_metadata,
     "settings": parse_settings,
+    "profile_id": parse_profile_id,
 }
 
 

@@ -55,6 +55,7 @@ class DeviceRecord:
     location_ids: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    profile_id: str | None = None  # its device profile (gateway.core.profiles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,15 @@ class DeviceQuery:
     limit: int = 100
     offset: int = 0
     after: Cursor | None = None  # the previous page's end (keyset paging)
+    group: GroupScope | None = None  # only the devices of one group (?group=)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupScope:
+    """The devices of one group (gateway.core.groups), as a device query narrows to them."""
+
+    group_id: str
+    saved: DeviceQuery | None = None  # dynamic: its saved filters, ANDed; static (None): its members
 
 
 @dataclass(frozen=True, slots=True)

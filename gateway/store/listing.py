@@ -6,6 +6,10 @@ after its last row, or a `DeviceSummary`. Every filter is an indexed column or a
 association table (``device_tags``, ``device_locations``); ``search`` (a substring of name
 or id, which no B-tree index can seek) reads the covering index ``ix_devices_name``.
 
+``group`` (``?group=``, a `GroupScope`) narrows to a static group's members (the indexed
+``device_group_members``), or ANDs a dynamic group's saved filters with the query's own,
+column by column under the same plan as the query's.
+
 Order: the sort keys, then ``id``; empty values last in both directions (``NULLS LAST``,
 which SQLite >= 3.30 and PostgreSQL both understand), so that the keyset condition of a
 cursor means the same on both databases.
@@ -52,12 +56,13 @@ from gateway.core.lifecycle import DeviceStatus
 from gateway.core.listing import SORT_FIELDS, Cursor, CursorValue, descending, field_of
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery, DeviceSummary
-from gateway.store.models import Certificate, Device, DeviceLocation, DeviceTag
+from gateway.store.models import Certificate, Device, DeviceGroupMember, DeviceLocation, DeviceTag
 
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_locations = cast(Table, DeviceLocation.__table__)
 certificates = cast(Table, Certificate.__table__)
+group_members = cast(Table, DeviceGroupMember.__table__)
 
 _STATE = frozenset({"status", "connection", "blocked"})
 _FEW = 5000  # matches up to which a page is found by their rowids
@@ -154,6 +159,9 @@ async def _expiring(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) 
 
 def _narrows(query: DeviceQuery) -> bool:
     """Has the query a filter besides the state columns?"""
+    group = query.group
+    if group is not None and (group.saved is None or _narrows(group.saved)):
+        return True
     return bool(
         query.search
         or query.tags
@@ -168,7 +176,11 @@ def _narrows(query: DeviceQuery) -> bool:
 
 def _filters(query: DeviceQuery) -> bool:
     return (
-        _narrows(query) or query.blocked != "all" or query.status is not None or query.connection is not None
+        _narrows(query)
+        or query.blocked != "all"
+        or query.status is not None
+        or query.connection is not None
+        or (query.group is not None and query.group.saved is not None and _filters(query.group.saved))
     )
 
 
@@ -188,6 +200,19 @@ def conditions(
         hidden = walk or (narrower and name in _STATE)
         return _Unindexed(column) if sqlite and hidden else column
 
+    where = _where(query, c, sqlite=sqlite, expiring=expiring)
+    group = query.group
+    if group is not None and group.saved is None:
+        where.append(
+            c("id").in_(select(group_members.c.device_id).where(group_members.c.group_id == group.group_id))
+        )
+    elif group is not None and group.saved is not None:
+        where += _where(group.saved, c, sqlite=sqlite, expiring=None)
+    return and_(true(), *where)
+
+
+def _where(query: DeviceQuery, c: Any, *, sqlite: bool, expiring: list[str] | None) -> list[Any]:
+    """The conditions of the query's own filters, over the columns `c` hands out."""
     where: list[Any] = []
     if query.search:
         where.append(_search(c("name_lower"), c("id"), query.search, sqlite=sqlite))
@@ -218,7 +243,13 @@ def conditions(
             where.append(newest_certificate_ends_by(c("id"), query.cert_expires_before))
     if query.last_seen_before is not None:
         where.append(c("last_seen_at") < query.last_seen_before)
-    return and_(true(), *where)
+    return where
+
+
+async def count(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) -> int:
+    """How many devices the query's filters match (a dynamic group's members, say)."""
+    where = conditions(query, sqlite=sqlite, expiring=await _expiring(conn, query, sqlite=sqlite))
+    return int((await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one())
 
 
 def walks(total: int, table_rows: int, rows_wanted: int) -> bool:

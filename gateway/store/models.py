@@ -81,6 +81,7 @@ class Device(Base):
     description: Mapped[str | None] = mapped_column(Text)
     metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
     settings_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+    profile_id: Mapped[str | None] = mapped_column(String(64), index=True)  # gateway.core.profiles
 
     # The listing's indexes (gateway.store.listing): each sort field's own, and two covering
     # ones, so that counting by state and searching names and ids read an index, not the table.
@@ -123,6 +124,71 @@ class DeviceLocation(Base):
     location_id: Mapped[str] = mapped_column(String(64), primary_key=True)
 
     __table_args__ = (Index("ix_device_locations_location", "location_id", "device_id"),)
+
+
+class DeviceGroup(Base):
+    """A group of devices (gateway.core.groups): explicit members (static) or a saved filter (dynamic)."""
+
+    __tablename__ = "device_groups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    name_lower: Mapped[str] = mapped_column(String(200), index=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))  # static | dynamic
+    filter_json: Mapped[str | None] = mapped_column(Text)  # dynamic: the saved filter (JSON object)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeviceGroupMember(Base):
+    """A static group's members, one row each; a deleted device or group takes its rows along."""
+
+    __tablename__ = "device_group_members"
+
+    group_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_device_group_members_device", "device_id", "group_id"),)
+
+
+class Site(Base):
+    """A location as a record (gateway.core.sites); devices name it in their location ids."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    name_lower: Mapped[str] = mapped_column(String(200), index=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    address: Mapped[str | None] = mapped_column(Text)
+    latitude: Mapped[float | None] = mapped_column(Float)
+    longitude: Mapped[float | None] = mapped_column(Float)
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeviceProfile(Base):
+    """A kind of device (gateway.core.profiles): expected components, settings schema, writable fields."""
+
+    __tablename__ = "device_profiles"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    name_lower: Mapped[str] = mapped_column(String(200), index=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    components_json: Mapped[str] = mapped_column(Text)  # JSON array, the announcement's shape
+    settings_schema_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL: unchecked
+    writable_json: Mapped[str] = mapped_column(Text)  # JSON array of field names
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Certificate(Base):

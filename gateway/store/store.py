@@ -2,7 +2,8 @@
 
 Certificates and registration tokens are in `gateway.store.credentials`
 (``Store.credentials``), API tokens in `gateway.store.tokens` (``Store.tokens``), device
-data in `gateway.store.data`.
+groups, sites and profiles in `gateway.store.groups`, `.sites`, `.profiles` (``Store.groups``,
+``Store.sites``, ``Store.profiles``), device data in `gateway.store.data`.
 
 Receives plain values from the services (ids, hashes, times, statuses already decided
 by the pure core) and hands back frozen records. Each public method is one
@@ -54,7 +55,10 @@ from gateway.core.records import (
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.store import listing
 from gateway.store.credentials import CredentialStore, insert_certificate
+from gateway.store.groups import GroupStore
 from gateway.store.models import REPLACED_INDEXES, Base, Certificate, Device, DeviceLocation, DeviceTag
+from gateway.store.profiles import ProfileStore
+from gateway.store.sites import SiteStore
 from gateway.store.tokens import TokenStore
 
 devices = cast(Table, Device.__table__)
@@ -78,6 +82,9 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(url, connect_args=connect_args)
         self.credentials = CredentialStore(self.engine)
         self.tokens = TokenStore(self.engine)
+        self.groups = GroupStore(self.engine)
+        self.sites = SiteStore(self.engine)
+        self.profiles = ProfileStore(self.engine)
         if self.is_sqlite:
             sync = sqlite_synchronous
 
@@ -415,6 +422,7 @@ def _device_record(
         location_ids=location_ids,
         metadata=json.loads(row.metadata_json) if row.metadata_json else {},
         settings=json.loads(row.settings_json) if row.settings_json else {},
+        profile_id=row.profile_id,
     )
 
 

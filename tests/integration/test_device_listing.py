@@ -68,6 +68,12 @@ async def register(api: httpx.AsyncClient, device_id: str, name: str) -> str:
     return str(body["registration_token"])
 
 
+async def sites(api: httpx.AsyncClient, *site_ids: str) -> None:
+    """The sites that location ids name (each added one must exist)."""
+    for site_id in site_ids:
+        await ok(api.post("/sites", json={"id": site_id, "name": site_id}), 201)
+
+
 async def seen(gw: Harness, device_id: str, at: datetime, *, stay_online: bool = False) -> None:
     """The device checked in at `at` (active) and, unless `stay_online`, left a minute later."""
     store = gw.app.store
@@ -139,6 +145,7 @@ async def fleet(gw: Harness, api: httpx.AsyncClient) -> None:
         "pump-2": {"tags": ["prod"], "location_ids": ["site-2"]},
         "meter-1": {"tags": ["lab"], "location_ids": ["site-1", "room-3"]},
     }
+    await sites(api, "site-1", "site-2", "room-3")
     for device_id, body in details.items():
         await ok(api.patch(f"/devices/{device_id}", json=body))
     await certificate(gw, "pump-1", timedelta(days=365))
@@ -408,6 +415,7 @@ async def test_patch_sets_and_clears_the_detail_fields(gateway: Harness, api: ht
     """The detail fields are set, shown, replaced and cleared, with updated_at, an audit entry and a
     log event only when something changed."""
     await register(api, "pump-1", "Pump")
+    await sites(api, "site-1")
     created = (await ok(api.get("/devices/pump-1")))["data"]
     assert (created["description"], created["tags"], created["location_ids"]) == (None, [], [])
     assert (created["metadata"], created["settings"]) == ({}, {})
@@ -527,6 +535,7 @@ async def test_deleting_a_device_removes_its_tags_and_locations(
 ) -> None:
     """A device registered again under a deleted id starts without the old tags and locations."""
     await register(api, "pump-1", "Pump")
+    await sites(api, "site-1")
     await ok(api.patch("/devices/pump-1", json={"tags": ["prod"], "location_ids": ["site-1"]}))
     await ok(api.delete("/devices/pump-1"))
     assert await listed(api, tag="prod") == []
