@@ -1,5 +1,6 @@
 """Entry point: global ``--config``, then ``init``, ``serve``, ``devices``, ``operators``, ``tail``,
-``readings``, ``health``, ``simulate``, ``tokens``, ``audit``, ``connect-failures``."""
+``readings``, ``health``, ``simulate``, ``tokens``, ``audit``, ``connect-failures``, ``groups``,
+``sites``, ``profiles``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,19 @@ from typing import Annotated
 import typer
 
 import gateway
-from gateway.cli import audit, data, devices, failures, operators, simulate, tail, tokens
+from gateway.cli import (
+    audit,
+    data,
+    devices,
+    failures,
+    groups,
+    operators,
+    profiles,
+    simulate,
+    sites,
+    tail,
+    tokens,
+)
 from gateway.cli.common import State, fails_cleanly, print_json, settings_from
 
 # _SERVICE_ONLY: `init` and `serve` import the service (gateway.app: FastAPI, uvicorn,
@@ -140,6 +153,9 @@ app.command("simulate")(simulate.simulate)
 app.add_typer(tokens.app, name="tokens")
 app.command("audit")(audit.audit)
 app.add_typer(failures.app, name="connect-failures")
+app.add_typer(groups.app, name="groups")
+app.add_typer(sites.app, name="sites")
+app.add_typer(profiles.app, name="profiles")
 
 
 def main() -> None:
