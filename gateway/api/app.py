@@ -212,7 +212,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(sites.build_router(), prefix="/api/v1")
     app.include_router(profiles.build_router(), prefix="/api/v1")
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        responses={503: {"model": Health, "description": "degraded: the database is unavailable"}},
+    )
     async def healthz(request: Request, response: Response) -> Health:
         """Liveness and readiness for the container's health check (no auth)."""
         ctx = context(request)
