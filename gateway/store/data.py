@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -33,7 +32,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    insert,
     or_,
     pool,
     select,
@@ -51,6 +49,7 @@ from gateway.core.records import (
     SensorRecord,
     TimeWindow,
 )
+from gateway.store.bulk import BulkInserter
 from gateway.store.models import (
     ComponentRow,
     Device,
@@ -128,8 +127,7 @@ class DeviceData:
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer: Engine | None = None
         self._writer_ready = asyncio.Lock()
-        # Compiled INSERTs for `_insert_many`: (table, column names) -> (SQL, parameter order).
-        self._inserts: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+        self._bulk = BulkInserter()  # readings and health rows, in few driver calls on SQLite
 
     async def close(self) -> None:
         """Close the writer thread and its connection; later batches go through the registry's engine."""
@@ -227,9 +225,9 @@ class DeviceData:
                 )
             )
         if batch.readings:
-            self._insert_many(conn, readings, batch.readings)
+            self._bulk.insert_rows(conn, readings, batch.readings)
         if batch.health:
-            self._insert_many(conn, health, batch.health)
+            self._bulk.insert_rows(conn, health, batch.health)
             self._latest_health(conn, batch.health)
         for device_id, fields in batch.info.items():
             conn.execute(update(devices).where(devices.c.id == device_id).values(**fields))
@@ -243,46 +241,6 @@ class DeviceData:
                 )
         stored = len(batch.readings) + len(batch.health)
         return BatchResult(stored=stored, dropped_unknown_device=dropped), known
-
-    def _insert_many(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-        """INSERT `rows` (dicts with the same keys) with one executemany.
-
-        On SQLite the rows go to the driver as tuples: SQLAlchemy still compiles the
-        statement and supplies each column's bind processor (so values are stored exactly
-        as through SQLAlchemy), but they are looked up once per batch instead of per row,
-        and equal datetimes in a column (a message's receipt, shared by its readings) are
-        converted once. Elsewhere, SQLAlchemy's own executemany.
-        """
-        dialect = conn.dialect
-        if self._dialect != "sqlite" or not dialect.positional:
-            conn.execute(insert(table), rows)
-            return
-        names = tuple(rows[0])
-        key = (table.name, names)
-        compiled = self._inserts.get(key)
-        if compiled is None:
-            statement = insert(table).compile(dialect=dialect, column_keys=list(names))
-            order = tuple(statement.positiontup or ())
-            if set(order) != set(names) or statement.returning:
-                raise RuntimeError(f"unexpected INSERT for {table.name}: {statement}")
-            compiled = self._inserts[key] = (str(statement), order)
-        sql, order = compiled
-        converters: list[tuple[int, Callable[[Any], Any]]] = []
-        for index, name in enumerate(order):
-            column_type = table.c[name].type
-            process = column_type.dialect_impl(dialect).bind_processor(dialect)  # as SQLAlchemy does
-            if process is not None:
-                converters.append(
-                    (index, _once_per_value(process) if isinstance(column_type, UTCDateTime) else process)
-                )
-        values_of = operator.itemgetter(*order) if len(order) > 1 else lambda row: (row[order[0]],)
-        params: list[tuple[Any, ...]] = []
-        for row in rows:
-            values = list(values_of(row))
-            for index, convert in converters:
-                values[index] = convert(values[index])
-            params.append(tuple(values))
-        conn.exec_driver_sql(sql, params)
 
     def _sensor_seen(self, known: dict[str, datetime], row: dict[str, Any]) -> bool:
         entry = self._sensors_seen.get(row["device_id"])
@@ -439,20 +397,6 @@ class DeviceData:
             ids = select(table.c.id).where(table.c.ts < older_than).limit(batch_size).scalar_subquery()
             result = await conn.execute(delete(table).where(table.c.id.in_(ids)))
         return int(result.rowcount or 0)
-
-
-def _once_per_value(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """`process`, remembering its answer for each value it was given (for one batch)."""
-    done: dict[Any, Any] = {}
-
-    def memo(value: Any) -> Any:
-        try:
-            return done[value]
-        except KeyError:
-            result = done[value] = process(value)
-            return result
-
-    return memo
 
 
 def _drop_unknown(batch: IngestBatch, known: set[str]) -> int:

@@ -196,3 +196,20 @@ async def test_every_kind_of_row_in_a_batch_is_stored_and_read_back(any_store: S
         assert record.last_data_at == at
     finally:
         await data.close()
+
+
+@pytest.mark.parametrize("count", [1, 255, 256, 257, 700])
+async def test_batches_of_any_size_are_stored_whole_and_in_order(store: Store, count: int) -> None:
+    """Multi-row INSERTs of 256, 128, ... rows: every row of a batch is stored, in batch order."""
+    now = utcnow()
+    data = DeviceData(store.engine)
+    try:
+        result = await data.write_batch(
+            IngestBatch(readings=[reading_row(DEVICE, now, n) for n in range(count)])
+        )
+    finally:
+        await data.close()
+    assert result.stored == count
+    async with store.engine.connect() as conn:
+        values = (await conn.execute(select(readings.c.value_num).order_by(readings.c.id))).scalars().all()
+    assert values == [float(n) for n in range(count)]
