@@ -327,7 +327,7 @@ async def test_cursor_pages_never_repeat_or_skip_a_device_while_others_are_inser
         device_id = f"old-{index:02d}"
         await register(api, device_id, f"{rng.choice(letters)}{rng.choice(letters)} {index}")
         before.add(device_id)
-    stop = asyncio.Event()
+    stop, landed = asyncio.Event(), asyncio.Event()
     inserted: list[str] = []
 
     async def insert_meanwhile() -> None:
@@ -335,6 +335,7 @@ async def test_cursor_pages_never_repeat_or_skip_a_device_while_others_are_inser
             device_id = f"new-{len(inserted):03d}"
             await register(api, device_id, f"{rng.choice(letters)}{rng.choice(letters)} new")
             inserted.append(device_id)
+            landed.set()
 
     async def page() -> list[str]:
         try:
@@ -347,10 +348,9 @@ async def test_cursor_pages_never_repeat_or_skip_a_device_while_others_are_inser
                 cursor = body["next"]
                 if cursor is None:
                     return ids
-                seen = len(inserted)  # let at least one registration land between two pages
+                landed.clear()  # let at least one registration land between two pages
                 async with asyncio.timeout(10):
-                    while len(inserted) == seen:
-                        await asyncio.sleep(0.005)
+                    await landed.wait()
         finally:
             stop.set()
 
