@@ -210,6 +210,7 @@ def test_cli_import_csv_writes_the_tokens_file_0600(gw: Gateway, fast: InProcess
 
 def test_cli_import_jsonl_with_json_output(gw: Gateway, fast: InProcess) -> None:
     """JSON lines in, one JSON document out with each row's line and token."""
+    fast.json("sites", "create", "Site 1", "--id", "site-1")  # location ids name sites
     source = write(
         gw.cli.cwd / "fleet.jsonl",
         '{"name": "J1", "id": "jl-1", "location_ids": ["site-1"], "settings": {"interval_s": 60}}\n'
@@ -315,6 +316,7 @@ def test_cli_export_round_trips_into_a_fresh_gateway(
     (tmp_path / "fresh").mkdir()
     fresh_gw = start_gateway(processes, tmp_path / "fresh")
     fresh = InProcess.beside(fresh_gw)
+    fresh.json("sites", "create", "Site 1", "--id", "site-1")  # the sites the devices name come first
     imported = fresh.json("devices", "import", str(csv_out), "--chunk-size", "50")
     assert imported["registered"] == total
     again = fresh("devices", "export", "--format", "jsonl")
