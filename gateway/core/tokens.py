@@ -76,9 +76,12 @@ def parse_scopes(raw: Iterable[object]) -> frozenset[str]:
 
 
 def parse_ref(raw: str) -> int | str:
-    """A token reference as typed: digits are an id, anything else a name."""
+    """A token reference as typed: ASCII digits are an id, anything else a name.
+
+    ASCII only: ``str.isdigit`` also holds for ``"²"``, which ``int`` refuses.
+    """
     text = raw.strip()
-    return int(text) if text.isdigit() else parse_name(text)
+    return int(text) if text.isascii() and text.isdigit() else parse_name(text)
 
 
 def state(expires_at: datetime | None, revoked_at: datetime | None, now: datetime) -> TokenState:

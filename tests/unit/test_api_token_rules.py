@@ -53,6 +53,9 @@ def test_references_are_ids_or_names() -> None:
     assert tokens.parse_ref(" ci ") == "ci"
     with pytest.raises(InvalidValue):
         tokens.parse_ref("no such/name")
+    for other_digits in ("\u00b2", "\u0661"):  # superscript two, Arabic-Indic one: not ids, not names
+        with pytest.raises(InvalidValue):
+            tokens.parse_ref(other_digits)
 
 
 def test_state() -> None:
