@@ -17,9 +17,10 @@ from gateway.audit import Audit
 from gateway.core.catalog import RecordId
 from gateway.core.clock import utcnow
 from gateway.core.groups import MEMBERS_PER_REQUEST, GroupKind, GroupRecord, GroupSpec
+from gateway.core.ids import DeviceId
 from gateway.core.records import DevicePage, DeviceQuery, GroupScope
 from gateway.devices import DeviceService
-from gateway.errors import Conflict, FieldRejected
+from gateway.errors import Conflict, FieldRejected, InvalidValue
 from gateway.logs import get_logger
 from gateway.store.groups import GroupStore
 
@@ -36,11 +37,15 @@ def _audited(record: GroupRecord | None) -> dict[str, object] | None:
 
 
 def _device_ids(raw: Sequence[str]) -> list[str]:
+    """Device ids to add: at most `MEMBERS_PER_REQUEST`, each of the device id grammar."""
     if len(raw) > MEMBERS_PER_REQUEST:
         raise FieldRejected(
             f"at most {MEMBERS_PER_REQUEST} devices per request", path="device_ids", code="too_many_devices"
         )
-    return sorted(set(raw))
+    try:
+        return sorted({DeviceId(device_id).value for device_id in raw})
+    except InvalidValue as exc:
+        raise FieldRejected(exc.message, path="device_ids", code="unknown_device") from exc
 
 
 class GroupService:

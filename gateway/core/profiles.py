@@ -116,7 +116,7 @@ def parse_components(raw: object) -> tuple[payloads.Component, ...]:
     try:
         text = json.dumps(raw, allow_nan=False)
         parsed = payloads.parse(payloads.Channel.COMPONENTS, text.encode("utf-8"), received_at=_PARSED_AT)
-    except (TypeError, ValueError) as exc:  # not JSON at all (a request body always is)
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON (a request body always is)
         raise FieldRejected("must be a JSON array", path="components", code="invalid_components") from exc
     except InvalidValue as exc:
         raise FieldRejected(exc.message, path="components", code="invalid_components") from exc
