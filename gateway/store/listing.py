@@ -166,9 +166,10 @@ def _narrows(query: DeviceQuery) -> bool:
         query.search
         or query.tags
         or query.location_ids
-        or query.application
-        or query.manufacturer
-        or query.model
+        # `is not None`, as `_where` tests them: an empty value is a filter (that matches none)
+        or query.application is not None
+        or query.manufacturer is not None
+        or query.model is not None
         or query.cert_expires_before
         or query.last_seen_before
     )

@@ -184,6 +184,7 @@ FILTERS: list[tuple[dict[str, Any], set[str]]] = [
     ({"location_id": "site-1"}, {"pump-1", "meter-1"}),
     ({"location_id": ["site-1", "room-3"]}, {"meter-1"}),
     ({"application": "irrigation"}, {"pump-1", "pump-2"}),
+    ({"application": ""}, set()),  # an empty value is a filter too (its total once counted every device)
     ({"manufacturer": "Globex"}, {"meter-1"}),
     ({"model": "P200"}, {"pump-2"}),
     ({"cert_expires_within": "7d"}, {"meter-1"}),
