@@ -16,11 +16,12 @@ import pytest
 
 from gateway.core.admission import CertificateKind
 from gateway.core.clock import utcnow
+from gateway.core.groups import GroupFilter, GroupKind, GroupSpec
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.listing import SORT_FIELDS, parse_sort
 from gateway.core.presence import Connection, OfflineReason
-from gateway.core.records import DeviceQuery, DeviceRecord, NewCertificate
+from gateway.core.records import DeviceQuery, DeviceRecord, GroupScope, NewCertificate
 from gateway.store import Store, listing
 from gateway.store.models import Base
 
@@ -249,3 +250,39 @@ async def test_a_deleted_device_takes_its_tags_locations_and_certificates_filter
     assert tagged[0] not in await ids(store, DeviceQuery(tags=("prod",), limit=1000))
     summary = await store.device_summary(DeviceQuery(tags=("prod",)), NOW)
     assert summary.total == len(tagged) - 1
+
+
+async def test_a_group_narrows_listing_pages_and_summary_on_every_plan(store: Store) -> None:
+    """A static group's members and a dynamic group's saved filters narrow the listing, its cursor pages
+    and the summary, ANDed with the query's own filters, and the groups count their members alike."""
+    by_id = {device.id: device for device in await fleet(store)}
+    picked = sorted(by_id)[::2]
+    await store.groups.create("picked", GroupSpec("Picked", None, GroupKind.STATIC, None), NOW, picked)
+    saved = GroupFilter(tags=("prod",), blocked="hide")
+    prod = await store.groups.create("prod", GroupSpec("Prod", None, GroupKind.DYNAMIC, saved), NOW)
+    static, dynamic = GroupScope("picked"), GroupScope("prod", saved.query())
+    active = {i for i, d in by_id.items() if d.status is DeviceStatus.ACTIVE}
+    in_prod = {i for i, d in by_id.items() if "prod" in d.tags and not d.blocked}
+    cases = [
+        (DeviceQuery(group=static), set(picked)),
+        (DeviceQuery(group=static, status=DeviceStatus.ACTIVE), set(picked) & active),
+        (DeviceQuery(group=static, search="valve"), {i for i in picked if "valve" in by_id[i].name.lower()}),
+        (DeviceQuery(group=dynamic), in_prod),
+        (
+            DeviceQuery(group=dynamic, connection=Connection.ONLINE),
+            {i for i in in_prod if by_id[i].connection is Connection.ONLINE},
+        ),
+        (DeviceQuery(group=dynamic, blocked="only"), set()),  # hide saved, only asked: both must hold
+        (
+            DeviceQuery(
+                group=GroupScope("x", DeviceQuery(status=DeviceStatus.ACTIVE)), status=DeviceStatus.PENDING
+            ),
+            set(),
+        ),
+    ]
+    assert picked and in_prod, "the fleet gives both groups members"
+    for query, expected in cases:
+        assert set(await ids(store, dataclasses.replace(query, limit=1000))) == expected, query
+        assert set(await paged(store, dataclasses.replace(query, sort=("name",)), 2)) == expected, query
+        assert (await store.device_summary(query, NOW)).total == len(expected), query
+    assert (prod.member_count, (await store.groups.get("picked")).member_count) == (len(in_prod), len(picked))
