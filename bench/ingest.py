@@ -634,9 +634,9 @@ def _run_ratio(results: list[PhaseResult], batch: int, phase: str, a: str, b: st
         mine = [r for r in results if (r.batch, r.phase, r.target, r.run) == (batch, phase, a, run)]
         theirs = [r for r in results if (r.batch, r.phase, r.target, r.run) == (batch, phase, b, run)]
         if mine and theirs:
-            a, b = getattr(mine[0], attr), getattr(theirs[0], attr)
-            if a is not None and b:
-                ratios.append(a / b)
+            value, other = getattr(mine[0], attr), getattr(theirs[0], attr)
+            if value is not None and other:
+                ratios.append(value / other)
     return f"{statistics.median(ratios):.2f}x" if ratios else "-"
 
 
