@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +53,7 @@ log = get_logger("gateway.app")
 
 CRL_REFRESH_INTERVAL_S = 6 * 3600
 EXPIRY_CHECK_INTERVAL_S = 24 * 3600
+SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval while serving (Python's default: 5 ms)
 
 
 @dataclass
@@ -309,6 +311,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         # pass, an event-loop stall every few seconds under load; ~10 ms once frozen).
         gc.collect()
         gc.freeze()
+        # The ingest writer thread (SQLite) takes the GIL back from the busy event loop several
+        # times per batch; at the default 5 ms switch interval each time can cost up to 5 ms
+        # (benchmarked: 1.3-1.5x QoS 1 throughput with 1 ms).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         await stop.wait()
     finally:
         await app.stop()
