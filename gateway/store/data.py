@@ -130,12 +130,14 @@ class DeviceData:
         self._bulk = BulkInserter()  # readings and health rows, in few driver calls on SQLite
 
     async def close(self) -> None:
-        """Close the writer thread and its connection; later batches go through the registry's engine."""
-        self._threaded = False
-        thread, writer = self._thread, self._writer
-        self._thread = self._writer = None
+        """Close the writer thread and its connection, after the batches already handed to it;
+        later batches go through the registry's engine."""
+        async with self._writer_ready:
+            self._threaded = False
+            thread, writer = self._thread, self._writer
+            self._thread = self._writer = None
         if thread is not None:
-            if writer is not None:
+            if writer is not None:  # queued behind the batches in flight: they finish first
                 await asyncio.get_running_loop().run_in_executor(thread, writer.dispose)
             thread.shutdown(wait=True)
 
@@ -147,16 +149,23 @@ class DeviceData:
     async def write_batch(self, batch: IngestBatch) -> BatchResult:
         """Write `batch` in one transaction; what it stored, and the rows dropped for unknown devices."""
         if self._threaded:
-            thread = await self._writer_thread()
-            return await asyncio.get_running_loop().run_in_executor(thread, self._write_in_thread, batch)
+            writer = await self._writer_thread()
+            if writer is not None:
+                thread, engine = writer
+                return await asyncio.get_running_loop().run_in_executor(
+                    thread, self._write_in_thread, engine, batch
+                )
         async with self.engine.begin() as conn:
             result, known = await conn.run_sync(self._write, batch)
         self._remember_sensors(batch, known)
         return result
 
-    async def _writer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+    async def _writer_thread(self) -> tuple[concurrent.futures.ThreadPoolExecutor, Engine] | None:
+        """The writer thread and its engine, made on first use; None once closed."""
         async with self._writer_ready:
-            if self._thread is None:
+            if not self._threaded:
+                return None
+            if self._thread is None or self._writer is None:
                 async with self.engine.connect() as conn:
                     copied = {
                         name: int((await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one())
@@ -177,12 +186,10 @@ class DeviceData:
 
                 self._writer = writer
                 self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ingest-db")
-            return self._thread
+            return self._thread, self._writer
 
-    def _write_in_thread(self, batch: IngestBatch) -> BatchResult:
-        if self._writer is None:
-            raise RuntimeError("the SQLite writer is closed")
-        with self._writer.begin() as conn:
+    def _write_in_thread(self, writer: Engine, batch: IngestBatch) -> BatchResult:
+        with writer.begin() as conn:
             result, known = self._write(conn, batch)
         self._remember_sensors(batch, known)  # committed: they exist now
         return result

@@ -213,3 +213,15 @@ async def test_batches_of_any_size_are_stored_whole_and_in_order(store: Store, c
     async with store.engine.connect() as conn:
         values = (await conn.execute(select(readings.c.value_num).order_by(readings.c.id))).scalars().all()
     assert values == [float(n) for n in range(count)]
+
+
+async def test_close_lets_the_batches_in_flight_finish(store: Store) -> None:
+    """Batches already handed to the writer thread are committed before close() ends it."""
+    data = DeviceData(store.engine)
+    await data.write_batch(batch(0))
+    writes = [asyncio.create_task(data.write_batch(batch(n))) for n in range(1, 11)]
+    await asyncio.sleep(0)  # every one of them handed over
+    await data.close()
+    assert [(await write).stored for write in writes] == [1] * 10
+    assert await stored(store) == 11
+    assert writer_threads() == []
