@@ -26,6 +26,7 @@ from gateway.api.schemas import (
     DeviceEnvelope,
     DeviceList,
     Health,
+    Offset,
     PatchIn,
     ProvisionIn,
     ProvisionOut,
@@ -120,7 +121,7 @@ def build_router() -> APIRouter:
             Query(description="fields, '-' for descending, e.g. -last_seen_at,name; empty values last"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         cursor: Annotated[
             str | None, Query(max_length=4096, description="`next` of the previous page (same sort)")
         ] = None,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from gateway.api.auth import ADMIN, context
+from gateway.api.schemas import Offset
 from gateway.core.clock import as_utc, iso
 from gateway.core.records import AuditQuery
 
@@ -47,7 +48,7 @@ def build_router() -> APIRouter:
         since: Annotated[datetime | None, Query(description="ISO 8601, at or after")] = None,
         until: Annotated[datetime | None, Query(description="ISO 8601, before")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> AuditPage:
         """Who did what and when, with the record before and after; append-only."""
         query = AuditQuery(actor, action, target_type, target_id, as_utc(since), as_utc(until), limit, offset)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from gateway.api.auth import READ, context
+from gateway.api.schemas import Offset
 from gateway.core.clock import as_utc, iso, parse_duration, utcnow
 from gateway.core.records import ComponentRecord, HealthRecord, ReadingRecord, SensorRecord, TimeWindow
 from gateway.errors import InvalidValue
@@ -186,7 +187,7 @@ def build_router() -> APIRouter:
         value_type: Literal["number", "boolean", "string"] | None = None,
         component: Annotated[str | None, Query(max_length=128)] = None,
         limit: Limit = 1000,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> Many:
         """Sensors (typed data channels) across devices, filtered."""
         found = await context(request).data.sensors(

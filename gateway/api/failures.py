@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN, READ, context
-from gateway.api.schemas import DeviceEnvelope, RequestBody, device_out, when
+from gateway.api.schemas import DeviceEnvelope, Offset, RequestBody, device_out, when
 from gateway.core.admission import Refusal
 from gateway.core.clock import iso
 from gateway.core.failures import FailureQuery, FailureRecord
@@ -97,7 +97,7 @@ def build_router() -> APIRouter:
         reason: Refusal | None = None,
         fingerprint: Annotated[str | None, Query(min_length=64, max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> FailurePage:
         """Refused CONNECTs, one row per certificate fingerprint (or client address) and reason,
         with a count, first and last seen; most recently seen first."""

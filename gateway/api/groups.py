@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN, READ, WRITE, context
-from gateway.api.schemas import DeviceList, RequestBody, Success, device_list, page_query
+from gateway.api.schemas import DeviceList, Offset, RequestBody, Success, device_list, page_query
 from gateway.core.groups import FILTER_KEYS, MEMBERS_PER_REQUEST, GroupRecord, GroupSpec
 from gateway.core.records import DeviceQuery
 
@@ -95,7 +95,7 @@ def build_router() -> APIRouter:
     async def list_groups(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> GroupList:
         """Every group by name, with its member count."""
         found, total = await context(request).groups.page(limit, offset)
@@ -130,7 +130,7 @@ def build_router() -> APIRouter:
         request: Request,
         sort: Annotated[str | None, Query(description="as GET /devices")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         cursor: Annotated[
             str | None, Query(max_length=4096, description="`next` of the previous page")
         ] = None,

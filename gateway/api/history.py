@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import READ, context
-from gateway.api.schemas import when
+from gateway.api.schemas import Offset, when
 from gateway.core.clock import iso
 from gateway.core.history import SessionRecord
 from gateway.errors import NotFound
@@ -70,7 +70,7 @@ def build_router() -> APIRouter:
         device_id: str,
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> SessionPage:
         """The device's sessions, newest first: when, from where, with which certificate, how it
         ended, and the bytes and messages each way (the running session with live counters)."""

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN, READ, WRITE, context
-from gateway.api.schemas import RequestBody
+from gateway.api.schemas import Offset, RequestBody
 from gateway.core.profiles import ProfileRecord, ProfileSpec
 from gateway.profiles import DeviceConformance
 
@@ -133,7 +133,7 @@ def build_router() -> APIRouter:
     async def list_profiles(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> ProfileList:
         """Every profile by name, with the number of devices that have it."""
         found, total = await context(request).profiles.page(limit, offset)
@@ -173,7 +173,7 @@ def build_router() -> APIRouter:
         profile_id: str,
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> ConformancePage:
         """The devices that have the profile (by id), each with how the components it announced
         differ from the expected ones (extra components and sensors are fine)."""

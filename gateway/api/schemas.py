@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.core import device_fields, listing
 from gateway.core.clock import iso
 from gateway.core.records import DevicePage, DeviceQuery, DeviceRecord, DeviceSummary
 from gateway.errors import InvalidValue
+
+MAX_OFFSET = 1_000_000_000  # beyond any fleet or trail; unbounded, a huge one overflowed SQLite (500)
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="skip this many rows")]
 
 
 class RequestBody(BaseModel):

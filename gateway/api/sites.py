@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN, READ, WRITE, context
-from gateway.api.schemas import RequestBody
+from gateway.api.schemas import Offset, RequestBody
 from gateway.core.sites import SiteRecord, SiteSpec
 
 
@@ -76,7 +76,7 @@ def build_router() -> APIRouter:
         request: Request,
         search: Annotated[str | None, Query(max_length=200, description="in name or id, any case")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> SiteList:
         """Every site by name, with the number of devices placed there."""
         found, total = await context(request).sites.page(limit, offset, search)
