@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -41,7 +41,7 @@ from gateway.api.schemas import (
     when,
 )
 from gateway.core import device_fields
-from gateway.core.clock import parse_duration, utcnow
+from gateway.core.clock import as_utc, parse_duration, utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery
@@ -80,8 +80,6 @@ async def device_filters(
 ) -> DeviceQuery:
     """The filters shared by the listing and the summary, parsed once."""
     expires_before = utcnow() + parse_duration(cert_expires_within) if cert_expires_within else None
-    if last_seen_before is not None and last_seen_before.tzinfo is None:
-        last_seen_before = last_seen_before.replace(tzinfo=UTC)
     return DeviceQuery(
         search=search,
         blocked=blocked,
@@ -93,7 +91,7 @@ async def device_filters(
         manufacturer=manufacturer,
         model=model,
         cert_expires_before=expires_before,
-        last_seen_before=last_seen_before,
+        last_seen_before=as_utc(last_seen_before),
         group=await context(request).groups.scope(group) if group else None,
     )
 

@@ -39,15 +39,21 @@ class Many(BaseModel):
 
 
 def _decode_cursor(cursor: str | None) -> tuple[datetime, int] | None:
+    """The (time, row id) a page ended at; `InvalidValue` for anything but a cursor we made."""
     if not cursor:
         return None
     try:
         ts, row_id = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii").split("|")
-        return datetime.fromisoformat(ts), int(row_id)
-    except (ValueError, UnicodeError) as exc:
-        raise InvalidValue(
-            "invalid cursor; pass next_cursor from the previous page", code="invalid_cursor"
-        ) from exc
+        moment, row = as_utc(datetime.fromisoformat(ts)), int(row_id)
+    except (ValueError, UnicodeError, InvalidValue) as exc:
+        raise _bad_cursor() from exc
+    if moment is None or not 0 <= row < 2**63:  # a row id the database can hold
+        raise _bad_cursor()
+    return moment, row
+
+
+def _bad_cursor() -> InvalidValue:
+    return InvalidValue("invalid cursor; pass next_cursor from the previous page", code="invalid_cursor")
 
 
 def _encode_cursor(ts: datetime, row_id: int) -> str:

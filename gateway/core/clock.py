@@ -12,10 +12,16 @@ def utcnow() -> datetime:
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
-    """An aware UTC datetime; a naive one (from a query string without a zone) is taken as UTC."""
+    """An aware UTC datetime; a naive one (from a query string without a zone) is taken as UTC.
+
+    `InvalidValue` for a moment that has no UTC date (0001-01-01T00:00+01:00, 9999-12-31T23:00-02:00).
+    """
     if moment is None:
         return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidValue(f"time {moment.isoformat()} is out of range in UTC", code="invalid_time") from exc
 
 
 def iso(moment: datetime | None) -> str | None:

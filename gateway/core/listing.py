@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
+from gateway.core.clock import as_utc
 from gateway.errors import InvalidValue
 
 
@@ -139,7 +140,10 @@ def _value(key: str, raw: object) -> CursorValue:
         except ValueError as exc:
             raise _bad_cursor() from exc
         if moment.tzinfo is not None:
-            return moment
+            try:
+                return as_utc(moment)
+            except InvalidValue as exc:
+                raise _bad_cursor() from exc
     raise _bad_cursor()
 
 
