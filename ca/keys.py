@@ -140,7 +140,13 @@ def vet_client_certificate(
             pem = b"-----BEGIN" in data
             cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
         extensions = cert.extensions  # parsed lazily: a malformed extension raises only here
-    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+    except (
+        ValueError,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,  # RFC 5280 4.2: an extension appears at most once
+        x509.UnsupportedGeneralNameType,
+        CryptographyDeprecationWarning,
+    ) as exc:
         raise CertificateRejected("malformed", "not a parseable X.509 certificate") from exc
     try:
         public_key = cert.public_key()

@@ -4,6 +4,7 @@ operator and devices over real HTTPS and real mutual-TLS MQTT."""
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
 
 import ca
@@ -20,6 +22,12 @@ from gateway.config import ApiSettings, LoggingSettings, MqttSettings, PathsSett
 from gateway.mqtt_client import MqttClient
 
 HOST = "127.0.0.1"
+
+# Property tests are deterministic by default (the same examples every run, so CI never
+# fails on a draw it cannot show again); HYPOTHESIS_PROFILE=explore searches afresh.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis.settings.register_profile("explore", max_examples=1000)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def make_settings(root: Path, **mqtt: Any) -> Settings:
