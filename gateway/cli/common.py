@@ -1,14 +1,20 @@
 """Shared CLI plumbing: settings from ``--config``, output as a table or one JSON document,
-and errors as one line on stderr with a non-zero exit status."""
+errors as one line on stderr with a non-zero exit status, and a progress line for long work.
+
+Colour (`colour_on`): only when the stream is a terminal and ``NO_COLOR`` is unset (and
+``TERM`` is not ``dumb``); piped output is plain text. Which cell gets which colour is the
+table `CELL_STYLES`.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -70,16 +76,68 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def colour_on(stream: IO[str] | None = None) -> bool:
+    """Whether to colour what goes to `stream` (stdout): a terminal, ``NO_COLOR`` unset."""
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return stream.isatty()
+
+
+# (column, shown value) -> typer.style options, for tables on a terminal.
+CELL_STYLES: dict[tuple[str, str], dict[str, Any]] = {
+    ("status", "active"): {"fg": "green"},
+    ("status", "pending"): {"fg": "cyan"},
+    ("status", "maintenance"): {"fg": "yellow"},
+    ("status", "inactive"): {"fg": "yellow"},
+    ("status", "revoked"): {"fg": "red"},
+    ("connection", "online"): {"fg": "green", "bold": True},
+    ("connection", "offline"): {"dim": True},
+    ("blocked", "yes"): {"fg": "red", "bold": True},
+    ("state", "active"): {"fg": "green"},
+    ("state", "expired"): {"fg": "yellow"},
+    ("state", "revoked"): {"fg": "red"},
+}
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
-    """A plain aligned table (header, rows); ``-`` for empty cells."""
+    """An aligned table (header, rows); ``-`` for empty cells; colour only on a terminal."""
     cells = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     headers = [title for _, title in columns]
     widths = [max([len(headers[i])] + [len(r[i]) for r in cells]) for i in range(len(columns))]
-    bold = sys.stdout.isatty()
+    colour = colour_on()
     header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-    typer.echo(typer.style(header, bold=True) if bold else header)
+    typer.echo(typer.style(header, bold=True) if colour else header)
     for row in cells:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        parts = []
+        for index, ((key, _), text, width) in enumerate(zip(columns, row, widths, strict=True)):
+            padded = text if index == len(columns) - 1 else text.ljust(width)  # no trailing blanks
+            style = CELL_STYLES.get((key, text)) if colour else None
+            parts.append(typer.style(padded, **style) if style else padded)
+        typer.echo("  ".join(parts))
+
+
+class Progress:
+    """A progress line on stderr (``listed 3000/120000 devices``), redrawn in place, only when
+    stderr is a terminal: piped or redirected output never sees it."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self.enabled = self._stream.isatty()
+        self._drawn = False
+
+    def show(self, line: str) -> None:
+        if self.enabled:
+            self._stream.write("\r\x1b[K" + line)
+            self._stream.flush()
+            self._drawn = True
+
+    def done(self) -> None:
+        """End the line (once something was drawn), so that what follows starts afresh."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = False
 
 
 def print_record(record: dict[str, Any], *, skip: Sequence[str] = ()) -> None:

@@ -12,7 +12,8 @@ import typer
 
 import ca
 from ca import files as ca_files
-from gateway.cli import bulk, history, renewal
+from gateway.cli import bulk, history, listing, renewal
+from gateway.cli.catalog import show
 from gateway.cli.client import ApiClient
 from gateway.cli.common import (
     fails_cleanly,
@@ -32,15 +33,6 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 ApiOpt = Annotated[str | None, typer.Option("--api", help="API base URL (default: from settings)")]
 
-LIST_COLUMNS = [
-    ("id", "ID"),
-    ("name", "NAME"),
-    ("status", "STATUS"),
-    ("connection", "CONNECTION"),
-    ("blocked", "BLOCKED"),
-    ("last_connected_at", "LAST CONNECTED"),
-]
-
 CERTIFICATE_COLUMNS = [
     ("serial", "SERIAL"),
     ("source", "SOURCE"),
@@ -53,13 +45,6 @@ CERTIFICATE_COLUMNS = [
 
 def _client(ctx: typer.Context, api: str | None = None) -> ApiClient:
     return ApiClient.for_settings(settings_from(ctx), api=api)
-
-
-def _show(device: dict[str, Any], json_out: bool) -> None:
-    if json_out:
-        print_json(device)
-    else:
-        print_record(device)
 
 
 @app.command()
@@ -254,87 +239,8 @@ def _enroll_with_token(
     }
 
 
-@app.command("list")
-@fails_cleanly
-def list_devices(
-    ctx: typer.Context,
-    search: Annotated[str | None, typer.Option("--search", help="Text in the name or id (any case).")] = None,
-    blocked: Annotated[str, typer.Option("--blocked", help="all | hide | only")] = "all",
-    status: Annotated[
-        str | None, typer.Option("--status", help="pending | active | inactive | maintenance | revoked")
-    ] = None,
-    connection: Annotated[str | None, typer.Option("--connection", help="online | offline")] = None,
-    expiring: Annotated[
-        str | None,
-        typer.Option(
-            "--expiring",
-            metavar="DURATION",
-            help="Only devices whose newest valid certificate ends within this time, e.g. 30d, 12h.",
-        ),
-    ] = None,
-    sort: Annotated[str | None, typer.Option("--sort", help="e.g. -last_connected_at,name")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
-    offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
-    json_out: JsonOpt = False,
-    api: ApiOpt = None,
-) -> None:
-    """List devices, filtered, sorted and paged; --expiring finds certificates about to end.
-
-    Examples:
-
-    gateway devices list --status active --blocked hide --sort name
-
-    gateway devices list --expiring 30d
-    """
-    params: dict[str, Any] = {"blocked": blocked, "limit": limit, "offset": offset}
-    for key, value in (
-        ("search", search),
-        ("status", status),
-        ("connection", connection),
-        ("cert_expires_within", expiring),
-        ("sort", sort),
-    ):
-        if value is not None:
-            params[key] = value
-    with _client(ctx, api) as client:
-        result = client.request("GET", "/devices", params=params)
-    if json_out:
-        print_json({"data": result["data"], "total": result["total"]})
-        return
-    if expiring is None:
-        print_table(result["data"], LIST_COLUMNS)
-    else:
-        rows = [{**d, "cert_not_after": (d["certificate"] or {}).get("not_after")} for d in result["data"]]
-        print_table(rows, [*LIST_COLUMNS, ("cert_not_after", "CERT EXPIRES")])
-    shown = len(result["data"])
-    typer.echo(f"{shown} of {result['total']} device(s)" + (f" from offset {offset}" if offset else ""))
-
-
-@app.command()
-@fails_cleanly
-def show(
-    ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(metavar="ID")],
-    json_out: JsonOpt = False,
-    api: ApiOpt = None,
-) -> None:
-    """Show one device."""
-    with _client(ctx, api) as client:
-        _show(client.request("GET", f"/devices/{device_id}")["data"], json_out)
-
-
-@app.command()
-@fails_cleanly
-def rename(
-    ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(metavar="ID")],
-    name: Annotated[str, typer.Argument(metavar="NAME")],
-    json_out: JsonOpt = False,
-    api: ApiOpt = None,
-) -> None:
-    """Give a device a new name."""
-    with _client(ctx, api) as client:
-        _show(client.request("PATCH", f"/devices/{device_id}", json={"name": name})["data"], json_out)
+# list, summary, show, update, rename (gateway.cli.listing); here, so that --help lists them in this order.
+listing.register(app)
 
 
 @app.command()
@@ -403,7 +309,7 @@ def _action(path_suffix: str, method: str = "POST", body: dict[str, Any] | None 
             result = (
                 client.request(method, path, json=body) if body is not None else client.request(method, path)
             )
-        _show(result["data"], json_out)
+        show(result["data"], json_out)
 
     command.__doc__ = doc
     return command
