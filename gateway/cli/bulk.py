@@ -210,8 +210,9 @@ def import_devices(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Register every device of a CSV or JSON lines file (columns: name, id, description, tags,
-    location_ids, metadata, settings; only name is required).
+    """Register every device of a CSV or JSON lines file (only the name column is required).
+
+    Columns: name, id, description, tags, location_ids, metadata, settings, profile_id.
 
     All or nothing: one bad row (line numbers reported) and nothing is registered, unless
     --continue-on-error. The one-time registration tokens go to --tokens-out, or with --json
@@ -339,7 +340,8 @@ def export_devices(
     ] = None,
     api: ApiOpt = None,
 ) -> None:
-    """Write every device (id, name and the operator-set fields) as CSV or JSON lines, oldest first;
+    """Write every device (id, name, the operator-set fields) as CSV or JSON lines, oldest first.
+
     `gateway devices import` takes the file back. No secrets are in it.
 
     Example: gateway devices export --format jsonl --out fleet.jsonl

@@ -254,7 +254,9 @@ def certificates(
     """List every certificate of a device, oldest first, revoked ones included.
 
     RENEWS names the certificate a renewal replaces; the old one is revoked when the new one
-    is first used. Example: gateway devices certificates SN-0042
+    is first used.
+
+    Example: gateway devices certificates SN-0042
     """
     with _client(ctx, api) as client:
         result = client.request("GET", f"/devices/{device_id}/certificates")
@@ -296,7 +298,12 @@ def attach_cert(
     print_record(result["data"])
 
 
-def _action(path_suffix: str, method: str = "POST", body: dict[str, Any] | None = None, doc: str = "") -> Any:
+def _action(
+    path_suffix: str, method: str = "POST", body: dict[str, Any] | None = None, *, doc: str, example: str
+) -> Any:
+    """A command that sends one request about a device and shows the device; `doc` is its help
+    line, `example` a command line for its --help."""
+
     @fails_cleanly
     def command(
         ctx: typer.Context,
@@ -311,27 +318,53 @@ def _action(path_suffix: str, method: str = "POST", body: dict[str, Any] | None 
             )
         show(result["data"], json_out)
 
-    command.__doc__ = doc
+    command.__doc__ = f"{doc}\n\nExample: {example}"
     return command
 
 
 app.command("block")(
-    _action("/block", doc="Refuse the device and cut its live session at once (certificates stay valid).")
+    _action(
+        "/block",
+        doc="Refuse the device and cut its live session at once (certificates stay valid).",
+        example="gateway devices block SN-0042",
+    )
 )
-app.command("unblock")(_action("/unblock", doc="Let a blocked device connect again."))
+app.command("unblock")(
+    _action("/unblock", doc="Let a blocked device connect again.", example="gateway devices unblock SN-0042")
+)
 app.command("deactivate")(
-    _action("", "PATCH", {"status": "inactive"}, "Take the device out of service (cuts its session).")
+    _action(
+        "",
+        "PATCH",
+        {"status": "inactive"},
+        doc="Take the device out of service (cuts its session).",
+        example="gateway devices deactivate SN-0042 --json",
+    )
 )
 app.command("activate")(
-    _action("", "PATCH", {"status": "active"}, "Put a deactivated or maintenance device back in service.")
+    _action(
+        "",
+        "PATCH",
+        {"status": "active"},
+        doc="Put a deactivated or maintenance device back in service.",
+        example="gateway devices activate SN-0042",
+    )
 )
 app.command("maintenance")(
     _action(
-        "", "PATCH", {"status": "maintenance"}, "Mark the device as in maintenance (it may still connect)."
+        "",
+        "PATCH",
+        {"status": "maintenance"},
+        doc="Mark the device as in maintenance (it may still connect).",
+        example="gateway devices maintenance SN-0042",
     )
 )
 app.command("revoke")(
-    _action("/revoke", doc="Final: revoke the device and all its certificates (CRL), cut its session.")
+    _action(
+        "/revoke",
+        doc="Final: revoke the device and all its certificates (CRL), cut its session.",
+        example="gateway devices revoke SN-0042 --json",
+    )
 )
 
 
@@ -344,7 +377,12 @@ def delete(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Revoke the device, cut its session and remove its record (certificates stay on the CRL)."""
+    """Revoke the device, cut its session and remove its record (certificates stay on the CRL).
+
+    Asks first on a terminal, unless --yes. Example:
+
+      gateway devices delete SN-0042 --yes
+    """
     if (
         not yes
         and sys.stdin.isatty()

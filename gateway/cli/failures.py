@@ -29,10 +29,8 @@ FAILURE_COLUMNS = [
     ("note", "NOTE"),
 ]
 
-app = typer.Typer(
-    help="Refused connections, grouped by certificate (or address) and reason; approve unknown ones.",
-    invoke_without_command=True,
-)
+# No help= here: it would hide the callback's docstring, the help of the listing it does.
+app = typer.Typer(invoke_without_command=True)
 
 
 def _note(failure: dict[str, Any]) -> str | None:
@@ -58,11 +56,16 @@ def connect_failures(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """List refused connections, most recently seen first: one row per certificate fingerprint
-    (or client address) and reason, with how often and when it was last seen.
+    """Refused connections, grouped by certificate (or address) and reason; approve unknown ones.
 
-    An unknown certificate of a configured external CA can be approved:
-    gateway connect-failures approve FINGERPRINT --name NAME [--id ID]
+    Alone it lists them, most recently seen first: one row per certificate fingerprint (or
+    client address) and reason, with how often and when it was last seen. An unknown
+    certificate of a configured external CA can be approved with
+    `gateway connect-failures approve FINGERPRINT --name NAME`. Examples:
+
+      gateway connect-failures
+
+      gateway connect-failures --reason unknown_certificate --limit 20 --json
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -92,8 +95,9 @@ def approve(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Create a device bound to an unknown certificate that a configured external CA issued;
-    it connects with that certificate from now on (client id = the device id).
+    """Create a device bound to an unknown certificate that a configured external CA issued.
+
+    It connects with that certificate from now on (client id = the device id).
 
     Example: gateway connect-failures approve 3f2a...e9 --name "Pump 7" --id pump-7
     """

@@ -99,7 +99,10 @@ def list_groups(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """List the groups by name, with how many devices each holds."""
+    """List the groups by name, with how many devices each holds.
+
+    Example: gateway groups list --limit 20 --json
+    """
     with client(ctx, api) as c:
         result = c.request("GET", "/device-groups", params={"limit": limit, "offset": offset})
     if json_out:
@@ -117,7 +120,10 @@ def show_group(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Show one group (list its devices with `gateway groups members ID`)."""
+    """Show one group (list its devices with `gateway groups members ID`).
+
+    Example: gateway groups show pilot
+    """
     with client(ctx, api) as c:
         show(c.request("GET", f"/device-groups/{group_id}")["data"], json_out)
 
@@ -249,7 +255,10 @@ def delete(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Delete a group (admin); its devices stay as they are."""
+    """Delete a group (admin); its devices stay as they are.
+
+    Example: gateway groups delete pilot --yes
+    """
     confirmed(f"Delete group {group_id}?", yes)
     with client(ctx, api) as c:
         result = c.request("DELETE", f"/device-groups/{group_id}")
@@ -272,7 +281,11 @@ def members(
 ) -> None:
     """List a group's devices: a static group's members, or the devices a dynamic one matches now.
 
-    Other filters combine with a group in `gateway devices list`'s API: GET /devices?group=ID.
+    Other filters combine with a group in `gateway devices list --group ID`. Examples:
+
+      gateway groups members prod-online --sort name
+
+      gateway groups members pilot --limit 1000 --json
     """
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if sort:
@@ -295,7 +308,10 @@ def add(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Add devices to a static group (those already in it are left as they are)."""
+    """Add devices to a static group (those already in it are left as they are).
+
+    Example: gateway groups add pilot pump-3 pump-4
+    """
     with client(ctx, api) as c:
         result = c.request("POST", f"/device-groups/{group_id}/members", json={"device_ids": device_ids})
     if json_out:
@@ -317,7 +333,10 @@ def remove(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Take a device out of a static group."""
+    """Take a device out of a static group.
+
+    Example: gateway groups remove pilot pump-2
+    """
     with client(ctx, api) as c:
         group = c.request("DELETE", f"/device-groups/{group_id}/members/{device_id}")["data"]
     if json_out:

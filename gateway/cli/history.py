@@ -40,9 +40,11 @@ def history(
     ] = False,
     api: Annotated[str | None, typer.Option("--api", help="API base URL (default: from settings)")] = None,
 ) -> None:
-    """The device's sessions, newest first: connected and disconnected at, why it ended, from
-    where, with which certificate, and the messages and bytes each way (a running session with
-    its counters so far; DISCONNECTED is - while it lasts).
+    """List a device's sessions, newest first, with why each ended.
+
+    For each: connected and disconnected at, why it ended, from where, with which certificate,
+    and the messages and bytes each way (a running session with its counters so far;
+    DISCONNECTED is - while it lasts).
 
     Example: gateway devices history boiler-1 --limit 5
     """

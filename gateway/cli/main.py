@@ -86,7 +86,11 @@ def init(
     """Create the CA, server certificate, CRL, database and admin API token (never overwrites).
 
     The admin token is printed once and written to <data_dir>/admin.token (mode 0600).
-    Locked out (all admin tokens revoked)? On the gateway's host: gateway init --new-admin-token
+    Locked out (all admin tokens revoked)? Run the second example on the gateway's host. Examples:
+
+      gateway init
+
+      gateway init --new-admin-token --json
     """
     from gateway import logs  # noqa: PLC0415 - see _SERVICE_ONLY
     from gateway.app import initialise  # noqa: PLC0415 - see _SERVICE_ONLY
@@ -120,7 +124,11 @@ def serve_command(ctx: typer.Context) -> None:
     """Run the MQTT listener and the HTTPS API (runs `init` first if needed).
 
     SIGTERM or Ctrl-C shut down cleanly: every device is marked OFFLINE with reason
-    gateway_shutdown before the process exits.
+    gateway_shutdown before the process exits. Examples:
+
+      gateway serve
+
+      gateway --config /etc/gateway/gateway.toml serve
     """
     from gateway import logs  # noqa: PLC0415 - see _SERVICE_ONLY
     from gateway.app import initialise, serve  # noqa: PLC0415 - see _SERVICE_ONLY

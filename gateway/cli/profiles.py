@@ -105,7 +105,10 @@ def list_profiles(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """List the profiles by name, with how many devices have each."""
+    """List the profiles by name, with how many devices have each.
+
+    Example: gateway profiles list --json
+    """
     with client(ctx, api) as c:
         result = c.request("GET", "/device-profiles", params={"limit": limit, "offset": offset})
     if json_out:
@@ -123,7 +126,10 @@ def show_profile(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Show one profile."""
+    """Show one profile.
+
+    Example: gateway profiles show pump-v2
+    """
     with client(ctx, api) as c:
         show(c.request("GET", f"/device-profiles/{profile_id}")["data"], json_out)
 
@@ -143,10 +149,14 @@ def create(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Declare a profile. Example:
+    """Declare a profile: the components its devices announce, the settings they take.
 
-    gateway profiles create "Pump v2" --id pump-v2 --components @pump-components.json
-    --settings-schema '{"interval_s": {"type": "integer", "min": 1, "max": 3600}}' -w interval_s
+    Examples:
+
+      gateway profiles create "Pump v2" --id pump-v2 --components @pump.json
+
+      gateway profiles create Meter --id meter -w interval_s \\
+        --settings-schema '{"interval_s": {"type": "integer", "min": 1}}'
     """
     body = {"name": name, **_given(description, components, settings_schema, writable)}
     if profile_id is not None:
@@ -172,8 +182,12 @@ def update(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Change what the options name; the rest stays. A new schema is refused while a device with
-    the profile has settings it does not allow."""
+    """Change what the options name; the rest stays.
+
+    A new schema is refused while a device with the profile has settings it does not allow.
+
+    Example: gateway profiles update pump-v2 --description "Firmware 2.x" -w interval_s
+    """
     with client(ctx, api) as c:
         current = c.request("GET", f"/device-profiles/{profile_id}")["data"]
         body = {key: current[key] for key in FIELDS}
@@ -196,7 +210,10 @@ def delete(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Delete a profile (admin); one that devices have needs --force."""
+    """Delete a profile (admin); one that devices have needs --force.
+
+    Example: gateway profiles delete pump-v2 --force --yes
+    """
     confirmed(f"Delete profile {profile_id}?", yes)
     with client(ctx, api) as c:
         result = c.request(
@@ -230,7 +247,11 @@ def assign(
 ) -> None:
     """Give devices a profile (PATCH profile_id); their settings must conform to its schema.
 
-    Stops at the first device refused; those before it keep their new profile.
+    Stops at the first device refused; those before it keep their new profile. Examples:
+
+      gateway profiles assign pump-v2 pump-1 pump-2 --settings '{"interval_s": 60}'
+
+      gateway profiles assign '' pump-3
     """
     body: dict[str, Any] = {"profile_id": profile_id or None}
     if settings is not None:
@@ -255,7 +276,10 @@ def conformance(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """How the devices with the profile match it: components and sensors missing or typed otherwise."""
+    """How the devices with the profile match it: components and sensors missing or typed otherwise.
+
+    Example: gateway profiles conformance pump-v2 --json
+    """
     params = {"limit": limit, "offset": offset}
     with client(ctx, api) as c:
         result = c.request("GET", f"/device-profiles/{profile_id}/conformance", params=params)

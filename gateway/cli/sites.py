@@ -89,7 +89,10 @@ def list_sites(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """List the sites by name, with how many devices are placed at each."""
+    """List the sites by name, with how many devices are placed at each.
+
+    Example: gateway sites list --search plant
+    """
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if search:
         params["search"] = search
@@ -110,7 +113,10 @@ def show_site(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Show one site (its devices: gateway devices list's API, GET /devices?location_id=ID)."""
+    """Show one site (its devices: `gateway devices list --location ID`).
+
+    Example: gateway sites show plant-north --json
+    """
     with client(ctx, api) as c:
         show(c.request("GET", f"/sites/{site_id}")["data"], json_out)
 
@@ -164,7 +170,10 @@ def update(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Change the fields the options name; the others stay as they are."""
+    """Change the fields the options name; the others stay as they are.
+
+    Example: gateway sites update plant-north --address "Hafenstr. 1, Hamburg"
+    """
     with client(ctx, api) as c:
         current = c.request("GET", f"/sites/{site_id}")["data"]
         body = {key: current[key] for key in FIELDS}
@@ -188,7 +197,10 @@ def delete(
     json_out: JsonOpt = False,
     api: ApiOpt = None,
 ) -> None:
-    """Delete a site (admin); one that devices name needs --force."""
+    """Delete a site (admin); one that devices name needs --force.
+
+    Example: gateway sites delete plant-north --force --yes
+    """
     confirmed(f"Delete site {site_id}?", yes)
     with client(ctx, api) as c:
         result = c.request("DELETE", f"/sites/{site_id}", params={"force": "true" if force else "false"})

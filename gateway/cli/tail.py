@@ -125,7 +125,14 @@ def tail(
     """Print every device status change and gateway event as it happens (Ctrl-C to stop).
 
     The first lines are the current status of every known device. Without --cert/--key
-    an operator certificate named 'cli' is issued once into <data_dir>/operators/cli.
+    an operator certificate named 'cli' is issued once into <data_dir>/operators/cli. Examples:
+
+      gateway tail
+
+      gateway tail --count 20 --json > events.ndjson
+
+      gateway tail --cert alice/operator.crt --key alice/operator.key \\
+        --cacert alice/ca.crt
     """
     settings = settings_from(ctx)
     cert_path, key_path, ca_path = _paths(settings, cert, key, cacert)

@@ -102,7 +102,10 @@ def create(
 @app.command("list")
 @fails_cleanly
 def list_tokens(ctx: typer.Context, json_out: JsonOpt = False, api: ApiOpt = None) -> None:
-    """List every token, revoked and expired ones too (never their values); * marks the one in use."""
+    """List every token, revoked and expired ones too (never their values); * marks the one in use.
+
+    Example: gateway tokens list --json
+    """
     with _client(ctx, api) as client:
         result = client.request("GET", "/tokens")
     if json_out:
@@ -134,6 +137,8 @@ def revoke(
 
     Revoking the token this command runs with asks first (--yes skips the question); the last
     usable admin token is refused unless --force.
+
+    Example: gateway tokens revoke ci-reader
     """
     with _client(ctx, api) as client:
         listed = client.request("GET", "/tokens")["data"]
