@@ -301,20 +301,26 @@ class GatewayApp:
         await self.stop()
 
 
+def settle_runtime() -> None:
+    """How a started gateway runs (`serve`, and the benchmarks that measure it): what start-up
+    built lives as long as the process, so it goes out of the collector's sight, and threads
+    get the GIL back sooner."""
+    # A full collection then scans only what came later (~155k objects took 150-250 ms per
+    # pass, an event-loop stall every few seconds under load; ~10 ms once frozen).
+    gc.collect()
+    gc.freeze()
+    # The ingest writer thread (SQLite) takes the GIL back from the busy event loop several
+    # times per batch; at the default 5 ms switch interval each time can cost up to 5 ms
+    # (benchmarked: 1.3-1.5x QoS 1 throughput with 1 ms).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
     app = GatewayApp(settings)
     try:
         await app.start()
-        # What start-up built lives as long as the process: out of the collector's sight,
-        # a full collection scans only what came later (~155k objects took 150-250 ms per
-        # pass, an event-loop stall every few seconds under load; ~10 ms once frozen).
-        gc.collect()
-        gc.freeze()
-        # The ingest writer thread (SQLite) takes the GIL back from the busy event loop several
-        # times per batch; at the default 5 ms switch interval each time can cost up to 5 ms
-        # (benchmarked: 1.3-1.5x QoS 1 throughput with 1 ms).
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        settle_runtime()
         await stop.wait()
     finally:
         await app.stop()

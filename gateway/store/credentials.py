@@ -10,7 +10,9 @@ the certificate lifecycle that need the database live here, each stated once:
 - a renewal is recorded beside the certificate it renews; both stay valid until the
   new one is first used, which revokes every older certificate of the device;
 - a newer renewal request replaces an earlier renewal that was never used;
-- renewals of one device are at least ``min_interval`` apart (enrolment does not count).
+- renewals of one device are at least ``min_interval`` apart (enrolment does not count);
+- ``devices.cert_not_after`` is the latest end among the device's unrevoked certificates,
+  set in the transaction of every insert (`_insert`) and revocation (`_revoke`).
 
 Conditional updates (``WHERE used_at IS NULL``, ``WHERE first_used_at IS NULL``) make
 single use and first use hold under concurrency and across instances.
@@ -18,7 +20,7 @@ single use and first use hold under concurrency and across instances.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -110,7 +112,7 @@ class CredentialStore:
                 raise ProvisioningRefused(f"device {token.device_id} is revoked", code="device_revoked")
             superseded = await _revoke(conn, _unrevoked_of(token.device_id), now)
             cert = issue(token.device_id)
-            await conn.execute(insert(certificates).values(created_at=now, **_cert_values(cert)))
+            await _insert(conn, cert, now)
             return Enrolled(token.device_id, cert, superseded)
 
     # --- certificates -----------------------------------------------------------------
@@ -155,9 +157,7 @@ class CredentialStore:
                 now,
             )
             cert = issue()
-            await conn.execute(
-                insert(certificates).values(created_at=now, renews=current_serial, **_cert_values(cert))
-            )
+            await _insert(conn, cert, now, renews=current_serial)
             return cert, replaced
 
     async def first_use(self, serial: str, now: datetime) -> list[str]:
@@ -304,20 +304,56 @@ def _unrevoked_of(device_id: str) -> Any:
 
 
 async def _revoke(conn: AsyncConnection, match: Any, now: datetime) -> list[str]:
-    serials: Sequence[str] = (await conn.execute(select(certificates.c.serial).where(match))).scalars().all()
+    found = (
+        await conn.execute(
+            select(certificates.c.serial, certificates.c.kind, certificates.c.subject).where(match)
+        )
+    ).all()
+    serials = [row.serial for row in found]
     if serials:
         await conn.execute(
             update(certificates).where(certificates.c.serial.in_(serials)).values(revoked_at=now)
         )
-    return list(serials)
+        await _refresh_validity(conn, {row.subject for row in found if row.kind == _DEVICE})
+    return serials
 
 
 async def insert_certificate(conn: AsyncConnection, cert: NewCertificate, now: datetime) -> None:
     """Record `cert` in the caller's transaction; Conflict when it is registered already."""
     try:
-        await conn.execute(insert(certificates).values(created_at=now, **_cert_values(cert)))
+        await _insert(conn, cert, now)
     except IntegrityError as exc:
         raise Conflict("this certificate is already registered", code="certificate_exists") from exc
+
+
+async def _insert(conn: AsyncConnection, cert: NewCertificate, now: datetime, **extra: Any) -> None:
+    await conn.execute(insert(certificates).values(created_at=now, **_cert_values(cert), **extra))
+    if cert.kind is CertificateKind.DEVICE:
+        await _refresh_validity(conn, {cert.subject})
+
+
+def latest_end(device_id: Any) -> Any:
+    """The latest end among the device's unrevoked certificates (NULL: none), as a scalar."""
+    return (
+        select(func.max(certificates.c.not_after))
+        .where(
+            certificates.c.kind == _DEVICE,
+            certificates.c.subject == device_id,
+            certificates.c.revoked_at.is_(None),
+        )
+        .scalar_subquery()
+    )
+
+
+async def _refresh_validity(conn: AsyncConnection, device_ids: set[str]) -> None:
+    """``devices.cert_not_after`` of these devices, from their certificates as they now stand
+    (in the transaction that changed them: every certificate insert and revocation ends here)."""
+    if device_ids:
+        await conn.execute(
+            update(devices)
+            .where(devices.c.id.in_(sorted(device_ids)))
+            .values(cert_not_after=latest_end(devices.c.id))
+        )
 
 
 def _cert_values(cert: NewCertificate) -> dict[str, Any]:

@@ -36,8 +36,6 @@ from sqlalchemy import (
     Row,
     Table,
     and_,
-    case,
-    exists,
     false,
     func,
     literal,
@@ -51,25 +49,21 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from gateway.core.admission import CertificateKind
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.listing import SORT_FIELDS, Cursor, CursorValue, descending, field_of
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery, DeviceSummary
-from gateway.store.models import Certificate, Device, DeviceGroupMember, DeviceLocation, DeviceTag
+from gateway.store.models import Device, DeviceGroupMember, DeviceLocation, DeviceTag
 
 devices = cast(Table, Device.__table__)
 device_tags = cast(Table, DeviceTag.__table__)
 device_locations = cast(Table, DeviceLocation.__table__)
-certificates = cast(Table, Certificate.__table__)
 group_members = cast(Table, DeviceGroupMember.__table__)
 
 _STATE = frozenset({"status", "connection", "blocked"})
 _FEW = 5000  # matches up to which a page is found by their rowids
-_EXPIRING_FEW = 20_000  # expiring certificates up to which the filter is a list of device ids
 SUMMARY_GROUPS_MAX = 100  # values listed per free-form field (application, model, firmware)
 EXPIRY_WINDOWS = {"7d": timedelta(days=7), "30d": timedelta(days=30)}
-_DEVICE = CertificateKind.DEVICE.value
 
 
 class _Unindexed(ColumnElement[Any]):
@@ -111,50 +105,9 @@ def _search(name: Any, device_id: Any, text: str, *, sqlite: bool) -> Any:
     return or_(name.like(pattern, escape="\\"), in_id)
 
 
-def _newest_ends_by(ending: Any, device_id: Any, moment: datetime) -> Any:
-    """`ending` (a certificates alias) is an unrevoked certificate of `device_id` that ends by
-    `moment`, and no unrevoked one of the device ends later (covering certificate indexes)."""
-    later = certificates.alias("later")
-    return and_(
-        ending.c.not_after <= moment,  # the range SQLite should seek (not kind, nor revoked_at)
-        _Unindexed(ending.c.kind) == _DEVICE,
-        _Unindexed(ending.c.revoked_at).is_(None),
-        ending.c.subject == device_id,
-        ~exists().where(
-            later.c.kind == _DEVICE,
-            later.c.subject == ending.c.subject,
-            later.c.revoked_at.is_(None),
-            later.c.not_after > moment,
-        ),
-    )
-
-
-def newest_certificate_ends_by(device_id: Any, moment: datetime) -> Any:
-    """The device's latest-ending unrevoked certificate ends by `moment`."""
-    ending = certificates.alias("ending")
-    return exists().where(_newest_ends_by(ending, device_id, moment))
-
-
 def _ids(values: Sequence[object]) -> Any:
     """The values as a one-parameter list (SQLite's json_each), not one parameter each."""
     return select(literal_column("value")).select_from(func.json_each(json.dumps(list(values))))
-
-
-async def _expiring(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) -> list[str] | None:
-    """On SQLite, the ids the certificate filter matches, read once for the statements that
-    follow (each would otherwise check every candidate again); None when there are many."""
-    if not sqlite or query.cert_expires_before is None:
-        return None
-    ending = certificates.alias("ending")
-    found = (
-        await conn.execute(
-            select(ending.c.subject)
-            .where(_newest_ends_by(ending, ending.c.subject, query.cert_expires_before))
-            .limit(_EXPIRING_FEW + 1)
-        )
-    ).scalars()
-    ids = list(found)
-    return ids if len(ids) <= _EXPIRING_FEW else None
 
 
 def _narrows(query: DeviceQuery) -> bool:
@@ -185,9 +138,7 @@ def _filters(query: DeviceQuery) -> bool:
     )
 
 
-def conditions(
-    query: DeviceQuery, *, sqlite: bool, walk: bool = False, expiring: list[str] | None = None
-) -> Any:
+def conditions(query: DeviceQuery, *, sqlite: bool, walk: bool = False) -> Any:
     """The WHERE clause of the query's filters (its order and page aside).
 
     On SQLite, with `walk` no filter may pick an index, so that it walks the sort order
@@ -201,18 +152,18 @@ def conditions(
         hidden = walk or (narrower and name in _STATE)
         return _Unindexed(column) if sqlite and hidden else column
 
-    where = _where(query, c, sqlite=sqlite, expiring=expiring)
+    where = _where(query, c, sqlite=sqlite)
     group = query.group
     if group is not None and group.saved is None:
         where.append(
             c("id").in_(select(group_members.c.device_id).where(group_members.c.group_id == group.group_id))
         )
     elif group is not None and group.saved is not None:
-        where += _where(group.saved, c, sqlite=sqlite, expiring=None)
+        where += _where(group.saved, c, sqlite=sqlite)
     return and_(true(), *where)
 
 
-def _where(query: DeviceQuery, c: Any, *, sqlite: bool, expiring: list[str] | None) -> list[Any]:
+def _where(query: DeviceQuery, c: Any, *, sqlite: bool) -> list[Any]:
     """The conditions of the query's own filters, over the columns `c` hands out."""
     where: list[Any] = []
     if query.search:
@@ -237,11 +188,8 @@ def _where(query: DeviceQuery, c: Any, *, sqlite: bool, expiring: list[str] | No
         value = getattr(query, name)
         if value is not None:
             where.append(c(name) == value)
-    if query.cert_expires_before is not None:
-        if expiring is not None:
-            where.append(c("id").in_(_ids(expiring)))
-        else:
-            where.append(newest_certificate_ends_by(c("id"), query.cert_expires_before))
+    if query.cert_expires_before is not None:  # NULL (no valid certificate) never matches
+        where.append(c("cert_not_after") <= query.cert_expires_before)
     if query.last_seen_before is not None:
         where.append(c("last_seen_at") < query.last_seen_before)
     return where
@@ -249,7 +197,7 @@ def _where(query: DeviceQuery, c: Any, *, sqlite: bool, expiring: list[str] | No
 
 async def count(conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool) -> int:
     """How many devices the query's filters match (a dynamic group's members, say)."""
-    where = conditions(query, sqlite=sqlite, expiring=await _expiring(conn, query, sqlite=sqlite))
+    where = conditions(query, sqlite=sqlite)
     return int((await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one())
 
 
@@ -266,8 +214,7 @@ async def page(
     conn: AsyncConnection, query: DeviceQuery, *, sqlite: bool
 ) -> tuple[list[Row[Any]], int, Cursor | None]:
     """The rows of one page (in order), the total the filters match, and the next page's cursor."""
-    expiring = await _expiring(conn, query, sqlite=sqlite)
-    where = conditions(query, sqlite=sqlite, expiring=expiring)
+    where = conditions(query, sqlite=sqlite)
     if not sqlite:
         total = (await conn.execute(select(func.count()).select_from(devices).where(where))).scalar_one()
     elif not _filters(query):  # every device: count, then walk the order
@@ -286,7 +233,7 @@ async def page(
             everything = select(func.count()).select_from(devices).scalar_subquery()
             total, table_rows = (await conn.execute(select(counted, everything))).one()
             if walks(total, table_rows, query.offset + query.limit + 1):
-                where = conditions(query, sqlite=sqlite, walk=True, expiring=expiring)
+                where = conditions(query, sqlite=sqlite, walk=True)
     if query.after is not None:
         where = and_(after(query.after), where)
     rows = (
@@ -356,7 +303,7 @@ def cursor_of(row: Row[Any], sort: tuple[str, ...]) -> Cursor:
 
 async def summary(conn: AsyncConnection, query: DeviceQuery, now: datetime, *, sqlite: bool) -> DeviceSummary:
     c = devices.c
-    where = conditions(query, sqlite=sqlite, expiring=await _expiring(conn, query, sqlite=sqlite))
+    where = conditions(query, sqlite=sqlite)
     states = (
         await conn.execute(
             select(c.status, c.connection, c.blocked, func.count())
@@ -384,38 +331,12 @@ async def summary(conn: AsyncConnection, query: DeviceQuery, now: datetime, *, s
         )
         return [(value, int(count)) for value, count in rows]
 
-    # Newest valid certificate per device, only for devices that have one ending within the
-    # widest window (few), then counted per window.
-    horizons = {label: now + window for label, window in EXPIRY_WINDOWS.items()}
-    widest = max(horizons.values())
-    valid = certificates.alias("valid")
-    ending = (
-        select(valid.c.subject, func.max(valid.c.not_after).label("not_after"))
-        .where(
-            valid.c.kind == _DEVICE,
-            valid.c.revoked_at.is_(None),
-            valid.c.subject.in_(
-                select(certificates.c.subject).where(
-                    certificates.c.not_after <= widest,
-                    _Unindexed(certificates.c.kind) == _DEVICE,
-                    _Unindexed(certificates.c.revoked_at).is_(None),
-                )
-            ),
-        )
-        .group_by(valid.c.subject)
-        .having(func.max(valid.c.not_after) <= widest)
-        .subquery()
-    )
+    horizons = [now + window for window in EXPIRY_WINDOWS.values()]
     expiring = (
         await conn.execute(
-            select(
-                *(
-                    func.coalesce(func.sum(case((ending.c.not_after <= moment, 1), else_=0)), 0)
-                    for moment in horizons.values()
-                )
+            select(*(func.count().filter(c.cert_not_after <= moment) for moment in horizons)).where(
+                where, c.cert_not_after <= max(horizons)
             )
-            .select_from(devices.join(ending, ending.c.subject == c.id))
-            .where(where)
         )
     ).one()
     return DeviceSummary(
@@ -426,5 +347,5 @@ async def summary(conn: AsyncConnection, query: DeviceQuery, now: datetime, *, s
         application=await groups(c.application),
         model=await groups(c.model),
         firmware_version=await groups(c.firmware_version),
-        certificates_expiring={label: int(n) for label, n in zip(horizons, expiring, strict=True)},
+        certificates_expiring={label: int(n) for label, n in zip(EXPIRY_WINDOWS, expiring, strict=True)},
     )

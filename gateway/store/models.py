@@ -70,9 +70,9 @@ class Device(Base):
     client_ip: Mapped[str | None] = mapped_column(String(64))
     connected_serial: Mapped[str | None] = mapped_column(String(64))
     # identification, reported by the device (devices/{id}/info)
-    manufacturer: Mapped[str | None] = mapped_column(String(200), index=True)
-    model: Mapped[str | None] = mapped_column(String(200), index=True)
-    application: Mapped[str | None] = mapped_column(String(200), index=True)
+    manufacturer: Mapped[str | None] = mapped_column(String(200))  # indexed with the state below
+    model: Mapped[str | None] = mapped_column(String(200))  # indexed with the state below
+    application: Mapped[str | None] = mapped_column(String(200))  # indexed with the state below
     application_version: Mapped[str | None] = mapped_column(String(100))
     os: Mapped[str | None] = mapped_column(String(100))
     os_version: Mapped[str | None] = mapped_column(String(100))
@@ -82,13 +82,26 @@ class Device(Base):
     metadata_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
     settings_json: Mapped[str | None] = mapped_column(Text)  # JSON object; NULL is {}
     profile_id: Mapped[str | None] = mapped_column(String(64), index=True)  # gateway.core.profiles
+    # The latest end among its unrevoked device certificates (NULL: none), kept by
+    # gateway.store.credentials in every transaction that adds or revokes one; the listing's
+    # cert_expires_within filter and the summary's expiry counts read it, not the certificates.
+    cert_not_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
-    # The listing's indexes (gateway.store.listing): each sort field's own, and two covering
-    # ones, so that counting by state and searching names and ids read an index, not the table.
+    # The listing's indexes (gateway.store.listing): each sort field's own, and covering ones,
+    # so that counting by state, by identification and state, and searching names and ids read
+    # an index, not the table: state leads with status, presence with connection (a seek on
+    # connection = online: ~4x faster than scanning the state index for it); application,
+    # manufacturer (with model) and model carry the state columns, which a page with another
+    # filter reads from the index instead of looking up every row (100,000 devices: counting
+    # one application's active devices 12 -> 1.3 ms, one manufacturer's model 22 -> 0.6 ms).
     # (connection and blocked, two values each, have no index of their own: see REPLACED_INDEXES.)
     __table_args__ = (
         Index("ix_devices_name", "name_lower", "id"),
         Index("ix_devices_state", "status", "connection", "blocked"),
+        Index("ix_devices_presence", "connection", "blocked", "status"),
+        Index("ix_devices_application_state", "application", "status", "connection", "blocked"),
+        Index("ix_devices_manufacturer_model", "manufacturer", "model", "status", "connection", "blocked"),
+        Index("ix_devices_model_state", "model", "status", "connection", "blocked"),
     )
 
 
@@ -96,7 +109,14 @@ class Device(Base):
 # SQLite's planner would prefer them to the covering ones (a seek on blocked = false or
 # connection = offline matches most of a fleet, row by row).
 REPLACED_INDEXES = {
-    "devices": ("ix_devices_name_lower", "ix_devices_connection", "ix_devices_blocked"),
+    "devices": (
+        "ix_devices_name_lower",
+        "ix_devices_connection",
+        "ix_devices_blocked",
+        "ix_devices_application",
+        "ix_devices_manufacturer",
+        "ix_devices_model",
+    ),
 }
 
 

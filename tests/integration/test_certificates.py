@@ -27,7 +27,10 @@ from ca import files as ca_files
 from gateway.app import GatewayApp
 from gateway.config import CaSettings, ExternalAnchor, Settings
 from gateway.core import tokens
+from gateway.core.admission import CertificateKind
 from gateway.core.clock import utcnow
+from gateway.core.ids import DeviceId
+from gateway.core.records import DeviceQuery, NewCertificate
 from gateway.errors import StoreUnavailable
 from gateway.mqtt_client import ConnectionClosed, ConnectRefused, Message, MqttClient
 from gateway.store import Store
@@ -816,6 +819,47 @@ async def test_create_schema_adds_the_lifecycle_columns_to_an_old_database(tmp_p
         old = await store.credentials.certificate("abc123")
         assert (old.source, old.renews, old.first_used_at) == ("issued", None, None)
         assert [serial for serial, _ in await store.credentials.revoked_certificates()] == ["abc123"]
+    finally:
+        await store.close()
+
+
+async def test_create_schema_fills_the_expiry_column_of_an_existing_registry(tmp_path: Path) -> None:
+    """A registry from before devices.cert_not_after gets it filled from the certificates it kept:
+    the latest unrevoked end of each device (revoked ones and devices without any: empty)."""
+    path = tmp_path / "registry.db"
+    store = Store(f"sqlite+aiosqlite:///{path}")
+    now = utcnow()
+    try:
+        await store.create_schema()
+        for name, ends in (("dev-1", [10, 40]), ("dev-2", [5]), ("dev-3", [])):
+            await store.create_device(DeviceId(name), name, now)
+            for index, days in enumerate(ends):
+                await store.credentials.add_certificate(
+                    NewCertificate(
+                        serial=f"{name}-{index}",
+                        fingerprint_sha256=f"{name}-{index}".ljust(64, "0"),
+                        kind=CertificateKind.DEVICE,
+                        subject=name,
+                        not_before=now,
+                        not_after=now + timedelta(days=days),
+                        pem="-",
+                    ),
+                    now,
+                )
+        await store.credentials.revoke_certificates(CertificateKind.DEVICE, "dev-2", now)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX ix_devices_cert_not_after")
+        db.execute("ALTER TABLE devices DROP COLUMN cert_not_after")
+    db.close()
+    store = Store(f"sqlite+aiosqlite:///{path}")
+    try:
+        await store.create_schema()
+        within = DeviceQuery(cert_expires_before=now + timedelta(days=30))
+        assert [d.id for d in (await store.list_devices(within)).devices] == []
+        within = DeviceQuery(cert_expires_before=now + timedelta(days=41))
+        assert [d.id for d in (await store.list_devices(within)).devices] == ["dev-1"]
     finally:
         await store.close()
 

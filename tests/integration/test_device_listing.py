@@ -559,12 +559,13 @@ async def test_create_schema_adds_detail_columns_tables_and_indexes_to_an_old_da
     new_indexes = [
         "ix_devices_last_seen_at",
         "ix_devices_updated_at",
-        "ix_devices_application",
-        "ix_devices_model",
-        "ix_devices_manufacturer",
+        "ix_devices_application_state",
+        "ix_devices_model_state",
+        "ix_devices_manufacturer_model",
         "ix_devices_firmware_version",
         "ix_devices_name",
         "ix_devices_state",
+        "ix_devices_presence",
         "ix_certificates_expiry",
         "ix_certificates_validity",
     ]
@@ -572,6 +573,9 @@ async def test_create_schema_adds_detail_columns_tables_and_indexes_to_an_old_da
         "ix_devices_name_lower": "name_lower",
         "ix_devices_connection": "connection",
         "ix_devices_blocked": "blocked",
+        "ix_devices_application": "application",
+        "ix_devices_manufacturer": "manufacturer",
+        "ix_devices_model": "model",
     }
     with sqlite3.connect(path) as db:
         for index in new_indexes:

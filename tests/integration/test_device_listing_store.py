@@ -42,7 +42,6 @@ async def store(
         store = Store(f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
         if request.param == "sqlite-counted":
             monkeypatch.setattr(listing, "_FEW", 0)
-            monkeypatch.setattr(listing, "_EXPIRING_FEW", 0)
     await store.create_schema()
     try:
         yield store
@@ -250,6 +249,42 @@ async def test_a_deleted_device_takes_its_tags_locations_and_certificates_filter
     assert tagged[0] not in await ids(store, DeviceQuery(tags=("prod",), limit=1000))
     summary = await store.device_summary(DeviceQuery(tags=("prod",)), NOW)
     assert summary.total == len(tagged) - 1
+
+
+async def test_expiry_filter_follows_every_certificate_change(store: Store) -> None:
+    """The expiry filter and summary read each device's latest unrevoked certificate end as every
+    change leaves it: enrolment (earlier ones revoked), renewal (the old one still valid until the new
+    one is used), first use, revocation, and an external certificate attached."""
+    soon, later = NOW + timedelta(days=3), NOW + timedelta(days=300)
+    within_week = DeviceQuery(cert_expires_before=NOW + timedelta(days=7), limit=1000)
+
+    async def expiring() -> tuple[list[str], int]:
+        page = await ids(store, within_week)
+        return page, (await store.device_summary(DeviceQuery(), NOW)).certificates_expiring["7d"]
+
+    await store.create_device(DeviceId("dev-a"), "A", NOW, certificate=certificate("dev-a", soon, 1))
+    await store.create_device(DeviceId("dev-b"), "B", NOW)
+    assert await expiring() == (["dev-a"], 1)
+    # enrolment by token: dev-b's first certificate ends soon too
+    await store.credentials.add_registration_token("dev-b", "h" * 64, NOW, NOW + timedelta(hours=1))
+    await store.credentials.provision("h" * 64, NOW, lambda device_id: certificate(device_id, soon, 2))
+    assert await expiring() == (["dev-a", "dev-b"], 2)
+    # renewal: the new certificate ends later while the old one stays valid until first use
+    renewed, _ = await store.credentials.renew(
+        "dev-a", f"{1:032x}", NOW, lambda: certificate("dev-a", later, 3), min_interval=timedelta(0)
+    )
+    assert await expiring() == (["dev-b"], 1)
+    assert await store.credentials.first_use(renewed.serial, NOW) == [f"{1:032x}"]
+    assert await expiring() == (["dev-b"], 1)
+    # revoking every certificate leaves none valid: no end to list by
+    await store.credentials.revoke_certificates(CertificateKind.DEVICE, "dev-b", NOW)
+    assert await expiring() == ([], 0)
+    await store.credentials.add_certificate(certificate("dev-b", soon, 4), NOW)
+    assert await expiring() == (["dev-b"], 1)
+    # an operator certificate names no device
+    operator = dataclasses.replace(certificate("dev-a", soon, 5), kind=CertificateKind.OPERATOR)
+    await store.credentials.add_certificate(operator, NOW)
+    assert await expiring() == (["dev-b"], 1)
 
 
 async def test_a_group_narrows_listing_pages_and_summary_on_every_plan(store: Store) -> None:
