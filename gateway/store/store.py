@@ -204,8 +204,9 @@ class Store:
             )
             .order_by(certificates.c.created_at)
         )
-        return {
-            row.subject: CertificateSummary(row.serial, row.fingerprint_sha256, row.not_after) for row in rows
+        return {  # unpacked: a Row's attributes resolve in Python
+            subject: CertificateSummary(serial, fingerprint, not_after)
+            for subject, serial, fingerprint, not_after in rows
         }
 
     async def list_devices(self, query: DeviceQuery) -> DevicePage:
