@@ -263,8 +263,7 @@ class _Broker(Broker):
             await self._hooks.message_denied(live, fields.topic)
             return None
         stored = await self._hooks.message_accepted(live, fields.topic, fields.payload, fields.qos)
-        if self._subscriptions:
-            await self._broadcast_message(session, fields.topic, fields.payload, force_qos=fields.qos)
+        await self._broadcast_message(session, fields.topic, fields.payload, force_qos=fields.qos)
         if fields.retain:
             await self.retain_message(session, fields.topic, fields.payload, fields.qos)
         return stored
@@ -328,7 +327,11 @@ class _Broker(Broker):
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        """amqtt's fan-out queue, bounded: past BROADCAST_QUEUE_SIZE a message is counted, not kept."""
+        """amqtt's fan-out queue, bounded: past BROADCAST_QUEUE_SIZE a message is counted, not kept.
+        With no subscription at all (persistent sessions' included) there is nothing to fan out:
+        a gateway with no operator listening sweeps 100,000 statuses without queueing any."""
+        if not self._subscriptions:
+            return
         if self._broadcast_queue.qsize() >= BROADCAST_QUEUE_SIZE:
             self.dropped_broadcasts += 1
             if self.dropped_broadcasts % 1000 == 1:

@@ -333,6 +333,31 @@ async def test_fan_out_to_a_stalled_subscriber_is_bounded_and_spares_everyone_el
     await shut(writer)
 
 
+async def test_fan_out_queue_is_bounded_and_unused_when_no_one_subscribes(
+    gateway: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of gateway statuses (a sweep of a large fleet) queues nothing when no one subscribes;
+    with a subscriber, what exceeds the fan-out bound is counted, not kept. Retained statuses are
+    all kept either way (the durable state a later subscriber reads)."""
+    from gateway.broker import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BROADCAST_QUEUE_SIZE", 50)
+    adapter, broker = gateway.app.engine, gateway.app.engine._broker
+    for index in range(200):  # synchronously, as a sweep does: the fan-out task gets no turn
+        await adapter.publish(f"gateway/status/burst-{index}", b"{}", retain=True)
+    assert broker.dropped_broadcasts == 0
+    ops = await gateway.connect(await gateway.operator("watcher"), client_id="")
+    await ops.subscribe(("gateway/status/#", 1))
+    retained = {(await ops.next_message(timeout=5)).topic for _ in range(200)}
+    assert retained == {f"gateway/status/burst-{index}" for index in range(200)}
+    for index in range(200):
+        await adapter.publish(f"gateway/status/again-{index}", b"{}", retain=True)
+    assert broker.dropped_broadcasts == 150, "past the bound of 50, counted"
+    assert all(adapter.retained(f"gateway/status/again-{index}") == b"{}" for index in range(200))
+    live = [await ops.next_message(timeout=5) for _ in range(50)]
+    assert [m.topic for m in live] == [f"gateway/status/again-{index}" for index in range(50)]
+
+
 # --- gap 12: delivery QoS -------------------------------------------------------------------
 
 
