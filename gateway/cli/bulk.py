@@ -26,7 +26,7 @@ import typer
 
 from gateway.cli import device_files
 from gateway.cli.client import ApiClient
-from gateway.cli.common import fails_cleanly, print_json, settings_from
+from gateway.cli.common import Progress, fails_cleanly, print_json, settings_from
 from gateway.cli.device_files import FileRow
 from gateway.errors import ApiError, ConfigError
 
@@ -65,22 +65,20 @@ class Outcome:
             )
 
 
-class Progress:
-    """``checked 300/1200 rows`` on a terminal's stderr, rewritten in place; silent otherwise."""
+class RowProgress:
+    """``checked 300/1200 rows``, on a terminal only (`Progress`)."""
 
     def __init__(self, verb: str, total: int) -> None:
         self.verb, self.total, self.done = verb, total, 0
-        self.shown = sys.stderr.isatty() and total > 0
+        self._line = Progress()
 
     def advance(self, rows: int) -> None:
         self.done += rows
-        if self.shown:
-            sys.stderr.write(f"\r{self.verb} {self.done}/{self.total} rows")
-            sys.stderr.flush()
+        if self.total > 0:
+            self._line.show(f"{self.verb} {self.done}/{self.total} rows")
 
     def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
+        self._line.done()
 
 
 class TokensFile:
@@ -129,7 +127,7 @@ def _post(client: ApiClient, chunk: list[FileRow], *, dry_run: bool, continue_on
 
 def _check(client: ApiClient, chunks: list[list[FileRow]], outcome: Outcome, continue_on_error: bool) -> None:
     """Every chunk checked (nothing registered); every bad row into `outcome`."""
-    progress = Progress("checked", sum(len(chunk) for chunk in chunks))
+    progress = RowProgress("checked", sum(len(chunk) for chunk in chunks))
     try:
         for chunk in chunks:
             try:
@@ -152,7 +150,7 @@ def _register(
     continue_on_error: bool,
     tokens: TokensFile | None,
 ) -> None:
-    progress = Progress("registered", sum(len(chunk) for chunk in chunks))
+    progress = RowProgress("registered", sum(len(chunk) for chunk in chunks))
     try:
         for index, chunk in enumerate(chunks):
             try:

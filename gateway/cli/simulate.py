@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import signal
 import ssl
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,32 +23,12 @@ import httpx
 import typer
 
 from gateway.cli.client import ca_bundle, read_token
-from gateway.cli.common import fails_cleanly, mqtt_target, print_json, settings_from
+from gateway.cli.common import Progress, fails_cleanly, mqtt_target, print_json, settings_from
 from gateway.core.simulation import Counters, device_ids
 from gateway.errors import ConfigError
 from gateway.simulator import Api, Target, provision, run
 
 PROGRESS_EVERY_S = 2.0
-
-
-class _Progress:
-    """A line redrawn on stderr, only when stderr is a terminal."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self._drawn = False
-
-    def show(self, line: str) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K" + line)
-            sys.stderr.flush()
-            self._drawn = True
-
-    def done(self) -> None:
-        if self._drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self._drawn = False
 
 
 def _install_stop(stop: asyncio.Event) -> None:
@@ -64,7 +43,7 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _report_progress(counters: Counters, started: float, progress: _Progress) -> None:
+async def _report_progress(counters: Counters, started: float, progress: Progress) -> None:
     while True:
         await asyncio.sleep(PROGRESS_EVERY_S)
         progress.show(counters.progress_line(timedelta(seconds=time.monotonic() - started)))
@@ -85,7 +64,7 @@ async def _simulate(
     """Provision, then run until ``duration`` or a signal; (counters, run seconds, stopped early)."""
     stop = asyncio.Event()
     _install_stop(stop)
-    progress = _Progress()
+    progress = Progress()
     counters = Counters(devices=len(ids), qos=target.qos)
     verify = ssl.create_default_context(cafile=str(cacert))
     async with httpx.AsyncClient(base_url=api_url + "/api/v1", verify=verify, timeout=30.0) as http:

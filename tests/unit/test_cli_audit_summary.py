@@ -55,8 +55,10 @@ def test_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: bool)
 
     err = Terminal()
     monkeypatch.setattr("sys.stderr", err)
-    progress = bulk.Progress("registered", 25)
+    progress = bulk.RowProgress("registered", 25)
     progress.advance(10)
     progress.advance(15)
     progress.close()
-    assert err.getvalue() == ("\rregistered 10/25 rows\rregistered 25/25 rows\n" if tty else "")
+    redraw = "\r\x1b[K"  # back to the line's start, erase it
+    expected = f"{redraw}registered 10/25 rows{redraw}registered 25/25 rows\n"
+    assert err.getvalue() == (expected if tty else "")
