@@ -351,11 +351,12 @@ async def prepare(settings: Settings, count: int, now: datetime) -> tuple[str, P
 
 
 def set_online_again(db: Path) -> None:
-    """A gateway start marks every ONLINE device offline (gateway_restart); the fleet is data here."""
+    """A gateway start marks every ONLINE device offline (gateway_restart), and so does its stop
+    (gateway_shutdown); the fleet is data here, the same for every run on a kept --root."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute(
             "UPDATE devices SET connection = 'online', disconnect_reason = NULL"
-            " WHERE disconnect_reason = 'gateway_restart'"
+            " WHERE disconnect_reason IN ('gateway_restart', 'gateway_shutdown')"
         )
         conn.commit()
 
@@ -424,6 +425,7 @@ async def main_async(args: argparse.Namespace) -> int:
         if prepared is None:
             return 2
         token, db = prepared
+        set_online_again(db)  # as populated, should an earlier run have stopped without restoring it
         store = Store(settings.database_url)
         settle_runtime()  # as `gateway serve` runs (heap frozen after start-up, GIL switch interval)
         if "store" in args.paths:
