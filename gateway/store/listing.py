@@ -17,10 +17,11 @@ cursor means the same on both databases.
 Plan (SQLite, in `page`): its planner has no histograms and takes every equality for a
 selective one, so ``status=active`` (most of a fleet) would sort tens of thousands of rows
 for one page. So the rowids of up to `_FEW` matches are read first: when that is all of
-them, they are the total and the page is sorted from them; when there are more, they are
-counted, and the page walks the first sort key's index (the filters hidden from the
-planner by a unary ``+``) and stops after ``limit`` rows, unless sorting the matches is
-cheaper (`walks`). PostgreSQL plans from its statistics and gets no hints.
+them, they are the total and the page's candidates; when there are more, they are
+counted. Either way the page then walks the first sort key's index (the filters, or the
+candidates, hidden from the planner by a unary ``+``) and stops after ``limit`` rows,
+unless sorting the matches is cheaper (`walks`): 4,900 candidates of 100,000 devices, 4 ms
+walked against 12 ms sorted. PostgreSQL plans from its statistics and gets no hints.
 """
 
 from __future__ import annotations
@@ -225,14 +226,20 @@ async def page(
         rowid: ColumnElement[int] = literal_column("devices.rowid")
         probe = select(rowid).select_from(devices).where(where).limit(_FEW + 1)
         found = (await conn.execute(probe)).scalars().all()
+        wanted = query.offset + query.limit + 1
         if len(found) <= _FEW:
             total = len(found)
-            where = rowid.in_(_ids(found))
+            listed: ColumnElement[int] = rowid
+            if total >= wanted:  # else walking cannot win (the table has at least `total` rows)
+                table_rows = (await conn.execute(select(func.count()).select_from(devices))).scalar_one()
+                if walks(total, table_rows, wanted):  # each row of the order checked against them
+                    listed = _Unindexed(rowid)
+            where = listed.in_(_ids(found))
         else:
             counted = select(func.count()).select_from(devices).where(where).scalar_subquery()
             everything = select(func.count()).select_from(devices).scalar_subquery()
             total, table_rows = (await conn.execute(select(counted, everything))).one()
-            if walks(total, table_rows, query.offset + query.limit + 1):
+            if walks(total, table_rows, wanted):
                 where = conditions(query, sqlite=sqlite, walk=True)
     if query.after is not None:
         where = and_(after(query.after), where)

@@ -28,12 +28,13 @@ from gateway.store.models import Base
 NOW = utcnow()
 
 
-@pytest.fixture(params=["sqlite-rowids", "sqlite-counted", "postgresql"])
+@pytest.fixture(params=["sqlite-rowids", "sqlite-counted", "sqlite-walked", "postgresql"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Store]:
     """An empty registry: SQLite finding pages from the matches' rowids (few matches), SQLite
-    counting first (as with many matches: walk the order or sort), or PostgreSQL."""
+    counting first (as with many matches: walk the order or sort), SQLite always walking the
+    order (from the rowids, or after counting), or PostgreSQL."""
     if request.param == "postgresql":
         store = Store(request.getfixturevalue("postgres_url"))
         async with store.engine.begin() as conn:
@@ -42,6 +43,8 @@ async def store(
         store = Store(f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
         if request.param == "sqlite-counted":
             monkeypatch.setattr(listing, "_FEW", 0)
+        if request.param == "sqlite-walked":  # the sort order walked whenever there is a match
+            monkeypatch.setattr(listing, "walks", lambda total, table_rows, wanted: total > 0)
     await store.create_schema()
     try:
         yield store
