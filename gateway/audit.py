@@ -88,16 +88,40 @@ class Audit:
         **detail: object,
     ) -> None:
         """Append one entry. A failure is logged, never raised: the action already happened."""
-        entry = AuditEntry(
-            actor=current_actor(),
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-            before=before,
-            after=after,
-            detail={key: _plain(value) for key, value in detail.items()} or None,
-        )
+        await self.record_many([entry(action, target_type, target_id, before=before, after=after, **detail)])
+
+    async def record_many(self, entries: list[AuditEntry]) -> None:
+        """Append entries (made by `entry`) in one transaction, as `record` appends one."""
         try:
-            await self._store.append(entry, utcnow())
+            if len(entries) == 1:
+                await self._store.append(entries[0], utcnow())
+            else:
+                await self._store.append_many(entries, utcnow())
         except Exception:
-            log.exception("audit.append_failed", action=action, target_id=target_id)
+            log.exception(
+                "audit.append_failed",
+                action=entries[0].action if entries else None,
+                target_ids=[e.target_id for e in entries[:10]],
+                entries=len(entries),
+            )
+
+
+def entry(
+    action: str,
+    target_type: str,
+    target_id: str,
+    *,
+    before: dict[str, object] | None = None,
+    after: dict[str, object] | None = None,
+    **detail: object,
+) -> AuditEntry:
+    """An entry by the current actor (`current_actor`), detail values made JSON-able."""
+    return AuditEntry(
+        actor=current_actor(),
+        action=action,
+        target_type=target_type,
+        target_id=target_id,
+        before=before,
+        after=after,
+        detail={key: _plain(value) for key, value in detail.items()} or None,
+    )

@@ -2,17 +2,18 @@
 
 Receives up to `MAX_ROWS` rows, each a JSON object with ``name``, an optional ``id`` and
 the detail fields of `gateway.core.device_fields` (``description``, ``tags``,
-``location_ids``, ``metadata``, ``settings``). Every row is checked first, by the rules of
-a single registration plus two of its own: no id twice in one request, no id already
-registered. Then the good rows are registered in order, each through
-`DeviceService.register` (and `update_details` when it has detail fields), so every device
-gets its audit entry and its ``device`` event exactly as if registered alone. Hands back
+``location_ids``, ``metadata``, ``settings``, ``profile_id``). Every row is checked first,
+by the rules of a single registration and of a change of its details (sites and profile
+exist, settings conform), plus two of its own: no id twice in one request, no id already
+registered. Then the good rows are registered in order, all in one transaction
+(`DeviceService.register_many`: a commit per request, not several per device), and every
+device gets its audit entry and its ``device`` event as if registered alone. Hands back
 each row's one-time registration token, or its error (row number, id, code, reason).
 
 All or nothing against bad input: unless `continue_on_error`, one bad row means nothing is
 registered and every bad row is reported (`RowsRejected`). What the checks cannot foresee
-(the same id registered by someone else in between, the database failing half-way) is
-reported for its row while the others carry on: a registered device's token is never lost.
+(the same id registered by someone else in between) undoes the transaction; the rows are
+then registered one by one, so that only that row fails while the others carry on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from gateway.core import device_fields
 from gateway.core.ids import DeviceId
 from gateway.devices import DeviceService, Registration, clean_name
-from gateway.errors import GatewayError, InvalidValue, NotFound, RowsRejected
+from gateway.errors import Conflict, GatewayError, InvalidValue, RowsRejected
 from gateway.logs import get_logger
 
 log = get_logger("gateway.bulk")
@@ -106,6 +107,12 @@ async def check(devices: DeviceService, rows: Sequence[object]) -> tuple[list[De
         except InvalidValue as exc:
             errors.append(RowError(number, _given_id(raw), exc.code, exc.message))
             continue
+        try:
+            details = await devices.check_new_details(parsed.device_id, parsed.name, parsed.details)
+        except GatewayError as exc:
+            errors.append(RowError(number, parsed.device_id, exc.code, exc.message))
+            continue
+        parsed = dataclasses.replace(parsed, details=details)
         if parsed.device_id is not None:
             if parsed.device_id in first_row:
                 errors.append(
@@ -118,23 +125,15 @@ async def check(devices: DeviceService, rows: Sequence[object]) -> tuple[list[De
                 )
                 continue
             first_row[parsed.device_id] = number
-            if await _exists(devices, parsed.device_id):
-                errors.append(
-                    RowError(
-                        number, parsed.device_id, "device_exists", f"device {parsed.device_id} already exists"
-                    )
-                )
-                continue
         good.append(parsed)
+    existing = await devices.existing([row.device_id for row in good if row.device_id is not None])
+    for row in good:
+        if row.device_id in existing:
+            errors.append(
+                RowError(row.row, row.device_id, "device_exists", f"device {row.device_id} already exists")
+            )
+    good = [row for row in good if row.device_id not in existing]
     return good, sorted(errors, key=lambda error: error.row)
-
-
-async def _exists(devices: DeviceService, device_id: str) -> bool:
-    try:
-        await devices.get(device_id)
-    except NotFound:
-        return False
-    return True
 
 
 async def register_many(
@@ -150,20 +149,18 @@ async def register_many(
     if dry_run:
         return BulkResult([], errors, dry_run=True)
     registered: list[RowRegistered] = []
-    for row in good:
-        try:
-            registration = await devices.register(row.name, row.device_id)
-        except GatewayError as exc:
-            errors.append(RowError(row.row, row.device_id, exc.code, exc.message))
-            continue
-        if row.details:
+    try:
+        batch = await devices.register_many([(row.name, row.device_id, row.details) for row in good])
+    except Conflict:  # an id registered meanwhile: nothing was; one at a time finds which
+        for row in good:
             try:
-                device = await devices.update_details(registration.device.id, row.details)
-            except GatewayError as exc:  # registered all the same: its token is handed back below
-                errors.append(RowError(row.row, registration.device.id, exc.code, exc.message))
+                [registration] = await devices.register_many([(row.name, row.device_id, row.details)])
+            except GatewayError as exc:
+                errors.append(RowError(row.row, row.device_id, exc.code, exc.message))
             else:
-                registration = dataclasses.replace(registration, device=device)
-        registered.append(RowRegistered(row.row, registration))
+                registered.append(RowRegistered(row.row, registration))
+    else:
+        registered = [RowRegistered(row.row, r) for row, r in zip(good, batch, strict=True)]
     errors.sort(key=lambda error: error.row)
     log.info("device.bulk_registered", rows=len(rows), registered=len(registered), failed=len(errors))
     return BulkResult(registered, errors, dry_run=False)

@@ -12,20 +12,28 @@ device's profile must exist and its settings conform to it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, cast
 
 import ca
 from gateway.audit import Audit, acting_as, current_actor, snapshot
+from gateway.audit import entry as audit_entry
 from gateway.core import device_fields, lifecycle, sites, tokens
 from gateway.core.admission import CertificateKind
 from gateway.core.clock import iso, utcnow
 from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus, LifecycleEvent
-from gateway.core.presence import OfflineReason
-from gateway.core.records import CertificateRecord, DevicePage, DeviceQuery, DeviceRecord, DeviceSummary
+from gateway.core.presence import Connection, OfflineReason
+from gateway.core.records import (
+    CertificateRecord,
+    DevicePage,
+    DeviceQuery,
+    DeviceRecord,
+    DeviceSummary,
+    NewDevice,
+)
 from gateway.credentials import Revocations
 from gateway.errors import Conflict, FieldRejected, InvalidValue, NotFound, ProvisioningRefused
 from gateway.events import Events
@@ -47,6 +55,10 @@ AUDITED_FIELDS = (
     "certificate",
     *device_fields.DETAIL_FIELDS,
 )
+
+
+# A device to register with others: (name, id or None for a generated one, checked details).
+NewRegistration = tuple[str, str | None, Mapping[str, object]]
 
 
 class SessionControl(Protocol):
@@ -72,6 +84,28 @@ class Provisioned:
 def _event_fields(detail: dict[str, object]) -> dict[str, object]:
     """Detail as event fields: times as ISO 8601."""
     return {key: iso(value) if isinstance(value, datetime) else value for key, value in detail.items()}
+
+
+def _new_record(device_id: str, name: str, now: datetime) -> DeviceRecord:
+    """What a device is the moment it is registered: pending, offline, no details."""
+    return DeviceRecord(
+        id=device_id,
+        name=name,
+        status=DeviceStatus.PENDING,
+        connection=Connection.OFFLINE,
+        blocked=False,
+        blocked_at=None,
+        created_at=now,
+        updated_at=now,
+        checked_in_at=None,
+        last_connected_at=None,
+        last_disconnected_at=None,
+        disconnect_reason=None,
+        last_seen_at=None,
+        last_data_at=None,
+        client_ip=None,
+        epoch=0,
+    )
 
 
 def _unprintable(ch: str) -> bool:
@@ -120,6 +154,36 @@ class DeviceService:
         registration = await self._new_token(device, now)
         await self._changed("registered", device.id, None, device, token_expires_at=registration.expires_at)
         return registration
+
+    async def check_new_details(
+        self, device_id: str | None, name: str, details: Mapping[str, object]
+    ) -> dict[str, object]:
+        """The parsed detail fields of a device yet to register, checked as a change of a new
+        device would be (sites, profile); FieldRejected names the first problem."""
+        return await self._checked_details(_new_record(device_id or "", clean_name(name), utcnow()), details)
+
+    async def register_many(self, rows: Sequence[NewRegistration]) -> list[Registration]:
+        """Register (name, id or None, checked detail fields) rows in one transaction, each with
+        its token, audit entry and ``registered`` event as `register` gives one; Conflict (none
+        registered) when an id exists by then."""
+        now = utcnow()
+        made: list[tuple[str, datetime]] = []
+        new: list[NewDevice] = []
+        for name, device_id, details in rows:
+            did = DeviceId(device_id) if device_id is not None else DeviceId.generate()
+            token, expires_at = tokens.new_token(tokens.REGISTRATION_PREFIX), now + self._token_ttl
+            made.append((token, expires_at))
+            new.append(NewDevice(did.value, clean_name(name), details, tokens.hash_token(token), expires_at))
+        devices = await self._store.create_devices(new, now)
+        registrations = [
+            Registration(device, token, expires_at)
+            for device, (token, expires_at) in zip(devices, made, strict=True)
+        ]
+        await self._changed_many(
+            "registered",
+            [(r.device.id, None, r.device, {"token_expires_at": r.expires_at}) for r in registrations],
+        )
+        return registrations
 
     async def _new_token(self, device: DeviceRecord, now: datetime) -> Registration:
         token = tokens.new_token(tokens.REGISTRATION_PREFIX)
@@ -239,6 +303,10 @@ class DeviceService:
 
     async def get(self, device_id: str) -> DeviceRecord:
         return await self._store.get_device(device_id)
+
+    async def existing(self, device_ids: Sequence[str]) -> set[str]:
+        """Which of these ids are registered."""
+        return await self._store.existing_ids(device_ids)
 
     async def find(self, query: DeviceQuery) -> DevicePage:
         return await self._store.list_devices(query)
@@ -384,18 +452,37 @@ class DeviceService:
         **detail: object,
     ) -> None:
         """Every registry change, in one place: logged, audited (who, before, after), published."""
-        log.info(f"device.{action}", device_id=device_id, **detail)
-        await self._audit.record(
-            f"device.{action}",
-            "device",
-            device_id,
-            before=snapshot(before, AUDITED_FIELDS),
-            after=snapshot(after, AUDITED_FIELDS),
-            **detail,
+        await self._changed_many(action, [(device_id, before, after, detail)])
+
+    async def _changed_many(
+        self,
+        action: str,
+        changes: Sequence[tuple[str, DeviceRecord | None, DeviceRecord | None, Mapping[str, object]]],
+    ) -> None:
+        """`_changed` for several devices at once: their audit entries in one transaction."""
+        for device_id, _, _, detail in changes:
+            log.info(f"device.{action}", device_id=device_id, **detail)
+        await self._audit.record_many(
+            [
+                audit_entry(
+                    f"device.{action}",
+                    "device",
+                    device_id,
+                    before=snapshot(before, AUDITED_FIELDS),
+                    after=snapshot(after, AUDITED_FIELDS),
+                    **detail,
+                )
+                for device_id, before, after, detail in changes
+            ]
         )
-        await self._events.emit(
-            "device", action=action, device_id=device_id, actor=current_actor(), **_event_fields(detail)
-        )
+        for device_id, _, _, detail in changes:
+            await self._events.emit(
+                "device",
+                action=action,
+                device_id=device_id,
+                actor=current_actor(),
+                **_event_fields(dict(detail)),
+            )
 
     async def _withdraw(self, device_id: str, reason: OfflineReason) -> list[str]:
         """Revoke every certificate of the device, cut its session, then re-sign the CRL.

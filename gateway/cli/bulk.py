@@ -31,7 +31,7 @@ from gateway.cli.device_files import FileRow
 from gateway.errors import ApiError, ConfigError
 
 MAX_CHUNK = 1000  # the API's limit per request
-DEFAULT_CHUNK = 100  # each registration commits on its own: ~100 rows take a few seconds
+DEFAULT_CHUNK = 500  # a request commits once: 5,000 devices import in ~6 s (1,000: same, coarser progress)
 CHUNK_TIMEOUT_S = 600.0
 EXPORT_PAGE = 1000
 REGISTERED_FIELDS = ("id", "name", "status", "registration_token", "token_expires_at")

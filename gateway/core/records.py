@@ -6,6 +6,7 @@ API and CLI serialise them. Field names are the contract's (DESIGN.md §6).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -71,6 +72,17 @@ class CertificateRecord:
     renews: str | None = None  # serial of the certificate this one replaces (renewal)
     first_used_at: datetime | None = None
     source: str = "issued"  # issued (by our CA) | attached (from an external CA)
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """A device to register with others at once: its detail fields already checked."""
+
+    device_id: str
+    name: str
+    details: Mapping[str, object]  # parsed detail fields (gateway.core.device_fields)
+    token_hash: str  # of its one-time registration token
+    token_expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,27 +28,33 @@ def _loads(text: str | None) -> dict[str, object] | None:
     return None if text is None else cast(dict[str, object], json.loads(text))
 
 
+def _row(entry: AuditEntry, at: datetime) -> dict[str, object]:
+    return {
+        "at": at,
+        "actor": entry.actor,
+        "action": entry.action,
+        "target_type": entry.target_type,
+        "target_id": entry.target_id,
+        "before": _dumps(entry.before),
+        "after": _dumps(entry.after),
+        "detail": _dumps(entry.detail),
+    }
+
+
 class AuditStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     async def append(self, entry: AuditEntry, at: datetime) -> int:
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                insert(audit_log)
-                .returning(audit_log.c.id)
-                .values(
-                    at=at,
-                    actor=entry.actor,
-                    action=entry.action,
-                    target_type=entry.target_type,
-                    target_id=entry.target_id,
-                    before=_dumps(entry.before),
-                    after=_dumps(entry.after),
-                    detail=_dumps(entry.detail),
-                )
-            )
+            result = await conn.execute(insert(audit_log).returning(audit_log.c.id).values(_row(entry, at)))
             return int(result.scalar_one())
+
+    async def append_many(self, entries: list[AuditEntry], at: datetime) -> None:
+        """Several entries in one transaction (a bulk registration's), in order."""
+        if entries:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(audit_log), [_row(entry, at) for entry in entries])
 
     async def query(self, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         conditions: list[Any] = []

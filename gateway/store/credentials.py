@@ -20,7 +20,7 @@ single use and first use hold under concurrency and across instances.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -68,11 +68,7 @@ class CredentialStore:
                 .where(registration_tokens.c.device_id == device_id, registration_tokens.c.used_at.is_(None))
                 .values(expires_at=now)
             )
-            await conn.execute(
-                insert(registration_tokens).values(
-                    token_hash=token_hash, device_id=device_id, created_at=now, expires_at=expires_at
-                )
-            )
+            await insert_registration_tokens(conn, [(device_id, token_hash, expires_at)], now)
 
     async def provision(
         self, token_hash: str, now: datetime, issue: Callable[[str], NewCertificate]
@@ -316,6 +312,19 @@ async def _revoke(conn: AsyncConnection, match: Any, now: datetime) -> list[str]
         )
         await _refresh_validity(conn, {row.subject for row in found if row.kind == _DEVICE})
     return serials
+
+
+async def insert_registration_tokens(
+    conn: AsyncConnection, new: Sequence[tuple[str, str, datetime]], now: datetime
+) -> None:
+    """One-time tokens, each (device id, token hash, expires at), in the caller's transaction."""
+    await conn.execute(
+        insert(registration_tokens),
+        [
+            {"token_hash": token_hash, "device_id": device_id, "created_at": now, "expires_at": expires_at}
+            for device_id, token_hash, expires_at in new
+        ],
+    )
 
 
 async def insert_certificate(conn: AsyncConnection, cert: NewCertificate, now: datetime) -> None:

@@ -15,7 +15,7 @@ gateway instances sharing one PostgreSQL database.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -51,10 +51,16 @@ from gateway.core.records import (
     DeviceRecord,
     DeviceSummary,
     NewCertificate,
+    NewDevice,
 )
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.store import listing
-from gateway.store.credentials import CredentialStore, insert_certificate, latest_end
+from gateway.store.credentials import (
+    CredentialStore,
+    insert_certificate,
+    insert_registration_tokens,
+    latest_end,
+)
 from gateway.store.groups import GroupStore
 from gateway.store.models import REPLACED_INDEXES, Base, Certificate, Device, DeviceLocation, DeviceTag
 from gateway.store.profiles import ProfileStore
@@ -146,6 +152,16 @@ class Store:
         except IntegrityError as exc:
             raise Conflict(f"device {device_id} already exists", code="device_exists") from exc
 
+    async def existing_ids(self, device_ids: Sequence[str]) -> set[str]:
+        """Which of these device ids are registered (any number: asked in slices)."""
+        found: set[str] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(device_ids), 500):
+                ids = device_ids[start : start + 500]
+                rows = await conn.execute(select(devices.c.id).where(devices.c.id.in_(ids)))
+                found.update(rows.scalars())
+        return found
+
     async def get_device(self, device_id: str) -> DeviceRecord:
         async with self.engine.connect() as conn:
             return await self._device(conn, device_id)
@@ -226,16 +242,7 @@ class Store:
         Detail fields arrive parsed (`gateway.core.device_fields`); tags and location ids
         replace the device's whole set.
         """
-        values = dict(fields)
-        labels = {name: values.pop(name) for name in _LABEL_TABLES if name in values}
-        for name, column in (("metadata", "metadata_json"), ("settings", "settings_json")):
-            if name in values:
-                document = values.pop(name)
-                values[column] = device_fields.dump_json(document) if document else None
-        if "name" in values:
-            values["name_lower"] = str(values["name"]).lower()
-        if "status" in values:
-            values["status"] = DeviceStatus(values["status"]).value
+        values, labels = _columns(fields)
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(devices).where(devices.c.id == device_id).values(updated_at=now, **values)
@@ -243,13 +250,51 @@ class Store:
             if result.rowcount == 0:
                 raise NotFound(f"device {device_id} not found", code="device_not_found")
             for name, chosen in labels.items():
-                table, column = _LABEL_TABLES[name]
+                table, _ = _LABEL_TABLES[name]
                 await conn.execute(delete(table).where(table.c.device_id == device_id))
                 if chosen:
-                    await conn.execute(
-                        insert(table), [{"device_id": device_id, column: value} for value in chosen]
-                    )
+                    await conn.execute(insert(table), _label_rows(name, device_id, chosen))
             return await self._device(conn, device_id)
+
+    async def create_devices(self, new: Sequence[NewDevice], now: datetime) -> list[DeviceRecord]:
+        """Many ``pending`` devices, each with its detail fields and one-time token, in one
+        transaction, in order; Conflict (and none created) when one of the ids exists."""
+        rows: list[dict[str, Any]] = []
+        labels: dict[str, list[dict[str, Any]]] = {name: [] for name in _LABEL_TABLES}
+        for device in new:
+            values, chosen = _columns({**_NO_DETAILS, **device.details, "name": device.name})
+            rows.append(
+                {
+                    "id": device.device_id,
+                    "status": DeviceStatus.PENDING.value,
+                    "blocked": False,
+                    "created_at": now,
+                    "updated_at": now,
+                    "connection": Connection.OFFLINE.value,
+                    "epoch": 0,
+                    **values,
+                }
+            )
+            for name, given in chosen.items():
+                labels[name] += _label_rows(name, device.device_id, given)
+        if not rows:
+            return []
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(devices), rows)
+                for name, label_rows in labels.items():
+                    if label_rows:
+                        await conn.execute(insert(_LABEL_TABLES[name][0]), label_rows)
+                await insert_registration_tokens(
+                    conn, [(d.device_id, d.token_hash, d.token_expires_at) for d in new], now
+                )
+                ids = [d.device_id for d in new]
+                found = (await conn.execute(select(devices).where(devices.c.id.in_(ids)))).all()
+                by_id = {record.id: record for record in await self._records(conn, found)}
+                return [by_id[device_id] for device_id in ids]
+        except IntegrityError as exc:
+            which = f"device {new[0].device_id}" if len(new) == 1 else "a device of this batch"
+            raise Conflict(f"{which} already exists", code="device_exists") from exc
 
     async def change_status(
         self, device_id: str, expected: DeviceStatus, new: DeviceStatus, now: datetime
@@ -390,6 +435,36 @@ class Store:
                     )
                 )
             return changes
+
+
+_NO_DETAILS: dict[str, object] = {  # a new device's detail fields, unless given
+    "description": None,
+    "tags": (),
+    "location_ids": (),
+    "metadata": {},
+    "settings": {},
+    "profile_id": None,
+}
+
+
+def _columns(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Sequence[str]]]:
+    """Record fields as devices columns, and the tag and location lists (their own tables)."""
+    values: dict[str, Any] = dict(fields)
+    labels = {name: cast(Sequence[str], values.pop(name)) for name in _LABEL_TABLES if name in values}
+    for name, column in (("metadata", "metadata_json"), ("settings", "settings_json")):
+        if name in values:
+            document = values.pop(name)
+            values[column] = device_fields.dump_json(document) if document else None
+    if "name" in values:
+        values["name_lower"] = str(values["name"]).lower()
+    if "status" in values:
+        values["status"] = DeviceStatus(values["status"]).value
+    return values, labels
+
+
+def _label_rows(name: str, device_id: str, values: Sequence[str]) -> list[dict[str, Any]]:
+    _, column = _LABEL_TABLES[name]
+    return [{"device_id": device_id, column: value} for value in values]
 
 
 def _device_record(

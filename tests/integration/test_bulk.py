@@ -58,11 +58,13 @@ async def test_bulk_registers_each_device_as_if_alone(gateway: Harness) -> None:
     assert creds.name == "bulk-pump-2"
     registered = (await gateway.api.get("/audit", params={"action": "device.registered"})).json()["data"]
     assert {e["target_id"] for e in registered} == {"bulk-pump-1", "bulk-pump-2", third["id"]}
+    pump = next(e for e in registered if e["target_id"] == "bulk-pump-1")
+    assert (pump["after"]["tags"], pump["after"]["description"]) == (["hall b", "pumps"], "north")
     events = [json.loads((await watcher.next_message(timeout=5)).payload) for _ in range(3)]
     assert [(e["action"], e["device_id"]) for e in events] == [
         ("registered", "bulk-pump-1"),
-        ("updated", "bulk-pump-1"),
         ("registered", "bulk-pump-2"),
+        ("registered", third["id"]),
     ]
     audit_text = (await gateway.api.get("/audit", params={"limit": 1000})).text
     assert all(d["registration_token"] not in audit_text for d in body["data"])
@@ -120,6 +122,31 @@ async def test_continue_on_error_and_dry_run(gateway: Harness) -> None:
     body = await bulk(gateway, rows, continue_on_error=True)
     assert [(d["row"], d["id"]) for d in body["data"]] == [(1, "coe-1"), (3, "coe-2")]
     assert (body["registered"], body["failed"]) == (2, 1) and body["errors"][0]["row"] == 2
+
+
+async def test_an_id_registered_meanwhile_fails_only_its_row(
+    gateway: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are registered in one transaction; an id someone registers between the checks and
+    that transaction undoes it, and the rows are registered one by one: only that row fails."""
+    from gateway import bulk as bulk_module
+
+    checked = bulk_module.check
+
+    async def racing(devices: Any, rows: Any) -> Any:
+        found = await checked(devices, rows)
+        await devices.register("Taken meanwhile", "race-2")
+        return found
+
+    monkeypatch.setattr(bulk_module, "check", racing)
+    rows = [{"name": f"Race {n}", "id": f"race-{n}", "tags": ["race"]} for n in (1, 2, 3)]
+    body = await bulk(gateway, rows)
+    assert [(d["row"], d["id"]) for d in body["data"]] == [(1, "race-1"), (3, "race-3")]
+    assert [(e["row"], e["id"], e["code"]) for e in body["errors"]] == [(2, "race-2", "device_exists")]
+    taken = (await gateway.api.get("/devices/race-2")).json()["data"]
+    assert (taken["name"], taken["tags"]) == ("Taken meanwhile", [])
+    listed = (await gateway.api.get("/devices", params={"tag": "race"})).json()
+    assert sorted(d["id"] for d in listed["data"]) == ["race-1", "race-3"]
 
 
 async def test_limits_scope_and_routing(gateway: Harness) -> None:
