@@ -21,7 +21,8 @@ from gateway.core.ids import DeviceId
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.listing import SORT_FIELDS, parse_sort
 from gateway.core.presence import Connection, OfflineReason
-from gateway.core.records import DeviceQuery, DeviceRecord, GroupScope, NewCertificate
+from gateway.core.records import DeviceQuery, DeviceRecord, GroupScope, NewCertificate, NewDevice
+from gateway.errors import Conflict, NotFound
 from gateway.store import Store, listing
 from gateway.store.models import Base
 
@@ -288,6 +289,30 @@ async def test_expiry_filter_follows_every_certificate_change(store: Store) -> N
     operator = dataclasses.replace(certificate("dev-a", soon, 5), kind=CertificateKind.OPERATOR)
     await store.credentials.add_certificate(operator, NOW)
     assert await expiring() == (["dev-b"], 1)
+
+
+async def test_devices_created_together_list_like_any_and_a_taken_id_creates_none(store: Store) -> None:
+    """`create_devices` (bulk registration): one transaction with details, tags and tokens; an id
+    that exists refuses the whole batch (Conflict) and leaves nothing of it."""
+    await store.create_device(DeviceId("taken"), "Taken", NOW)
+    expires = NOW + timedelta(days=1)
+
+    def new(device_id: str, **details: object) -> NewDevice:
+        return NewDevice(device_id, device_id.title(), details, f"{device_id:x<64}", expires)
+
+    created = await store.create_devices(
+        [new("bulk-a", tags=("prod", "water"), description="north"), new("bulk-b", metadata={"k": 1})], NOW
+    )
+    assert [(d.id, d.tags, d.description, d.metadata) for d in created] == [
+        ("bulk-a", ("prod", "water"), "north", {}),
+        ("bulk-b", (), None, {"k": 1}),
+    ]
+    assert await ids(store, DeviceQuery(tags=("prod",))) == ["bulk-a"]
+    with pytest.raises(Conflict):
+        await store.create_devices([new("bulk-c", tags=("prod",)), new("taken")], NOW)
+    assert await ids(store, DeviceQuery(tags=("prod",))) == ["bulk-a"]
+    with pytest.raises(NotFound):
+        await store.get_device("bulk-c")
 
 
 async def test_a_group_narrows_listing_pages_and_summary_on_every_plan(store: Store) -> None:
