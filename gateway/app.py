@@ -28,6 +28,7 @@ from gateway.config import Settings
 from gateway.core import tokens
 from gateway.core.clock import utcnow
 from gateway.core.presence import OfflineReason
+from gateway.core.ratelimit import Rate
 from gateway.credentials import CertificateLifecycle, Revocations
 from gateway.devices import DeviceService
 from gateway.events import Events
@@ -180,18 +181,18 @@ class GatewayApp:
                 self.settings.mqtt,
             )
             await self.provisioning.start()
-        api = create_app(
-            ApiContext(
-                devices=self.devices,
-                store=self.store,
-                pki=self.pki,
-                data=self.data,
-                audit=self.audit_store,
-                session_count=lambda: self.engine.connected_count,
-                history=self.history,
-                failures=self.failures,
-            )
+        self.api_context = ApiContext(
+            devices=self.devices,
+            store=self.store,
+            pki=self.pki,
+            data=self.data,
+            audit=self.audit_store,
+            session_count=lambda: self.engine.connected_count,
+            history=self.history,
+            failures=self.failures,
+            provisioning_rate=Rate(self.settings.provisioning.https_attempts_per_minute, per_s=60.0),
         )
+        api = create_app(self.api_context)
         self.api = ApiServer(
             api,
             host=self.settings.api.host,

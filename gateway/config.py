@@ -86,6 +86,9 @@ class ProvisioningSettings(_Section):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=8884, ge=0, le=65535)
     mqtt_attempts_per_minute: int = Field(default=10, ge=1)  # per source address
+    # POST /api/v1/devices/provision: attempts per source address per minute (a factory line or
+    # `gateway simulate` behind one address enrolls in bursts: 600, then ten a second).
+    https_attempts_per_minute: int = Field(default=600, ge=1)
 
 
 class IngestSettings(_Section):

@@ -10,6 +10,7 @@
     ├── Conflict               the request clashes with current state (duplicate id, final status)
     ├── InvalidTransition      a lifecycle change the table does not allow
     ├── ProvisioningRefused    token or CSR not acceptable (carries a code)
+    ├── RateLimited            too many attempts from one source; retry after ``retry_after_s``
     ├── Unauthorized           API credential missing or invalid
     ├── Forbidden              API credential lacks the scope
     ├── StoreUnavailable       the database could not be reached or timed out
@@ -80,6 +81,14 @@ class InvalidTransition(Conflict):
 
 class ProvisioningRefused(GatewayError):
     code = "provisioning_refused"
+
+
+class RateLimited(GatewayError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthorized(GatewayError):

@@ -43,6 +43,17 @@ from gateway.mqtt_client import ConnectionClosed, MqttClient, MqttError
 LIST_PAGE = 1000
 
 
+RATE_LIMITED_RETRIES = 10
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return max(0.1, float(response.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
+
+
 class Api:
     """The few API calls the simulator makes; error responses become `ApiError`."""
 
@@ -51,9 +62,18 @@ class Api:
         self._token = token
 
     async def call(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> Any:
+        """One request; a 429 (provisioning's rate limit) waits its Retry-After, a few times."""
+        for attempt in range(1, RATE_LIMITED_RETRIES + 1):
+            response = await self._send(method, path, auth=auth, **kwargs)
+            if response.status_code != 429 or attempt == RATE_LIMITED_RETRIES:
+                break
+            await asyncio.sleep(min(_retry_after_s(response), MAX_RETRY_AFTER_S))
+        return self._result(response)
+
+    async def _send(self, method: str, path: str, *, auth: bool, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self._token}"} if auth else {}
         try:
-            response = await self._http.request(method, path, headers=headers, **kwargs)
+            return await self._http.request(method, path, headers=headers, **kwargs)
         except httpx.ConnectError as exc:
             raise ApiError(
                 f"cannot reach the gateway API at {self._http.base_url} ({exc}); is `gateway serve` running?",
@@ -63,6 +83,9 @@ class Api:
             raise ApiError(
                 f"request to {self._http.base_url} failed: {exc!r}", code="transport_error"
             ) from exc
+
+    @staticmethod
+    def _result(response: httpx.Response) -> Any:
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -45,7 +46,10 @@ from gateway.core.clock import as_utc, parse_duration, utcnow
 from gateway.core.lifecycle import DeviceStatus
 from gateway.core.presence import Connection
 from gateway.core.records import DeviceQuery
-from gateway.errors import StoreUnavailable
+from gateway.errors import RateLimited, StoreUnavailable
+from gateway.logs import get_logger
+
+log = get_logger("gateway.api")
 
 ShortText = Annotated[str | None, Query(max_length=200)]
 
@@ -135,8 +139,20 @@ def build_router() -> APIRouter:
 
     @r.post("/devices/provision", response_model=ProvisionOut, tags=["provisioning"])
     async def provision(body: ProvisionIn, request: Request) -> ProvisionOut:
-        """Exchange a one-time registration token and a CSR for a device certificate (no bearer token)."""
-        result = await context(request).devices.provision(body.token, body.csr)
+        """Exchange a one-time registration token and a CSR for a device certificate (no bearer token).
+
+        Attempts per source address are limited (``provisioning.https_attempts_per_minute``).
+        """
+        ctx = context(request)
+        limit = ctx.provisioning_limit
+        address = request.client.host if request.client else "unknown"
+        if limit is not None and not (verdict := limit.allow(address, time.monotonic())).allowed:
+            wait_s = round(verdict.retry_after_s, 1)
+            log.warning("provision.rate_limited", client_ip=address, retry_after_s=wait_s)
+            raise RateLimited(
+                "too many provisioning attempts from this address", retry_after_s=verdict.retry_after_s
+            )
+        result = await ctx.devices.provision(body.token, body.csr)
         return ProvisionOut(
             device_id=result.device_id,
             certificate=result.certificate_pem,

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.audit import Audit, set_actor
 from gateway.core import tokens
+from gateway.core.ratelimit import Rate, RateLimiter
 from gateway.devices import DeviceService
 from gateway.errors import Forbidden, Unauthorized
 from gateway.failures import ConnectFailures
@@ -37,6 +38,11 @@ class ApiContext:
     # Built by the composition root; None in a context made for other routes (they answer 404).
     history: ConnectionHistory | None = None
     failures: ConnectFailures | None = None
+    provisioning_rate: Rate | None = None  # POST /devices/provision per source address; None: unlimited
+
+    @cached_property
+    def provisioning_limit(self) -> RateLimiter | None:
+        return None if self.provisioning_rate is None else RateLimiter(self.provisioning_rate)
 
     @cached_property
     def tokens(self) -> ApiTokens:

@@ -12,6 +12,7 @@ documents itself is kept), in place of FastAPI's own 422 body, which this API ne
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from gateway.errors import (
     InvalidValue,
     NotFound,
     ProvisioningRefused,
+    RateLimited,
     RowsRejected,
     StoreUnavailable,
     Unauthorized,
@@ -41,6 +43,7 @@ STATUS: list[tuple[type[GatewayError], int]] = [
     (Unauthorized, 401),
     (Forbidden, 403),
     (ProvisioningRefused, 403),
+    (RateLimited, 429),
     (NotFound, 404),
     (InvalidTransition, 409),
     (Conflict, 409),
@@ -79,6 +82,7 @@ ERROR_DESCRIPTIONS = {
     404: "Not found",
     409: "Conflicts with the current state",
     422: "Invalid value",
+    429: "Too many attempts from this address: retry after the Retry-After header's seconds",
     503: "The database is unavailable",
 }
 
@@ -116,6 +120,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         extra: dict[str, Any] = {"rows": exc.rows} if isinstance(exc, RowsRejected) else {}
         if isinstance(exc, FieldRejected):
             extra["path"] = exc.path

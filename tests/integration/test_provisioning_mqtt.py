@@ -1,5 +1,6 @@
 """Provisioning over MQTT: a real gateway with its provisioning listener on loopback, driven by our
-MQTT client (server-authenticated TLS, no client certificate) and by raw sockets."""
+MQTT client (server-authenticated TLS, no client certificate) and by raw sockets; and the HTTPS
+route's rate limit beside the listener's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +22,9 @@ from structlog.testing import capture_logs
 
 import ca
 from ca import files as ca_files
+from gateway import simulator
 from gateway.config import ProvisioningSettings, Settings
+from gateway.core.ratelimit import Rate, RateLimiter
 from gateway.mqtt_client import (
     ConnectionClosed,
     ConnectRefused,
@@ -30,6 +34,7 @@ from gateway.mqtt_client import (
     encode_connect,
     parse_connack,
 )
+from gateway.simulator import Api
 from tests.conftest import HOST, Creds, Harness, make_settings
 from tests.integration.test_gateway import next_status, watcher
 
@@ -294,6 +299,45 @@ async def test_attempts_are_rate_limited_per_source_address(gateway: Harness) ->
     listener = gateway.app.provisioning
     assert listener is not None
     assert (listener.attempts, listener.refused["rate_limited"]) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"provisioning": {"https_attempts_per_minute": 2}}], indirect=True, ids=["2-per-minute"]
+)
+async def test_https_provisioning_is_rate_limited_per_source_address(gateway: Harness) -> None:
+    """POST /devices/provision: the third attempt in a minute from one address is 429 with Retry-After
+    (before the token is looked at: a good one stays unused); another address is not held back."""
+    device_id, token = await gateway.register("limited")
+
+    async def attempt(source: str, token: str = "gwreg_wrong") -> httpx.Response:
+        transport = httpx.AsyncHTTPTransport(local_address=source, verify=server_only_tls(gateway))
+        async with httpx.AsyncClient(transport=transport, base_url=str(gateway.api.base_url)) as client:
+            return await client.post("/devices/provision", json={"token": token, "csr": new_csr()[1]})
+
+    assert [(await attempt("127.0.0.1")).status_code for _ in range(2)] == [403, 403]
+    refused = await attempt("127.0.0.1", token)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
+    assert 1 <= int(refused.headers["Retry-After"]) <= 30
+    accepted = await attempt("127.0.0.2", token)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["device_id"] == device_id
+
+
+async def test_the_simulator_waits_out_the_rate_limit(gateway: Harness, tmp_path: Path) -> None:
+    """`gateway simulate` provisioning more devices than the limit lets through at once waits each
+    429's Retry-After and enrolls every one (here: one attempt at once, another every 0.2 s)."""
+    # A faster limiter than settings can ask for (per minute), put where the route reads it.
+    object.__setattr__(gateway.app.api_context, "provisioning_limit", RateLimiter(Rate(1, per_s=0.2)))
+    ids = [f"sim-rl-{n}" for n in range(3)]
+    async with httpx.AsyncClient(
+        base_url=str(gateway.api.base_url), verify=server_only_tls(gateway), timeout=10
+    ) as http:
+        api = Api(http, gateway.admin_token)
+        fleet = await simulator.provision(
+            api, ids, tmp_path / "sim", prefix="sim-rl-", concurrency=3, stop=asyncio.Event()
+        )
+    assert sorted(creds.device_id for creds in fleet.devices) == ids
+    assert fleet.registered == 3
 
 
 async def test_failures_are_published_on_connect_failed(gateway: Harness) -> None:
