@@ -148,11 +148,7 @@ class DeviceService:
     # --- registration and provisioning ---------------------------------------------
 
     async def register(self, name: str, device_id: str | None = None) -> Registration:
-        now = utcnow()
-        did = DeviceId(device_id) if device_id is not None else DeviceId.generate()
-        device = await self._store.create_device(did, clean_name(name), now)
-        registration = await self._new_token(device, now)
-        await self._changed("registered", device.id, None, device, token_expires_at=registration.expires_at)
+        [registration] = await self.register_many([(name, device_id, {})])
         return registration
 
     async def check_new_details(

@@ -70,6 +70,20 @@ async def test_bulk_registers_each_device_as_if_alone(gateway: Harness) -> None:
     assert all(d["registration_token"] not in audit_text for d in body["data"])
 
 
+async def test_registering_one_device_with_a_taken_or_bad_id_is_refused(gateway: Harness) -> None:
+    """POST /devices (one registration, the same path as a bulk row): a taken id is 409 naming it,
+    a malformed one 422; neither leaves a device or an audit entry behind."""
+    await gateway.register("First", "solo-1")
+    taken = await gateway.api.post("/devices", json={"name": "Second", "id": "solo-1"})
+    assert (taken.status_code, taken.json()["error"]["code"]) == (409, "device_exists")
+    assert "solo-1 already exists" in taken.json()["error"]["message"]
+    bad = await gateway.api.post("/devices", json={"name": "Bad", "id": "not an id"})
+    assert bad.status_code == 422, bad.text
+    assert (await gateway.api.get("/devices/solo-1")).json()["data"]["name"] == "First"
+    entries = (await gateway.api.get("/audit", params={"action": "device.registered"})).json()["data"]
+    assert [e["target_id"] for e in entries] == ["solo-1"]
+
+
 async def test_one_bad_row_refuses_the_request_with_every_bad_row_listed(gateway: Harness) -> None:
     """All or nothing: each bad row by number with its reason; nothing registered."""
     await gateway.register("Taken", "taken-1")
