@@ -7,7 +7,7 @@ rest. One writer task commits the queue in batches (group commit: up to
 ``max_batch_rows`` rows or ``max_batch_delay_ms``) and then resolves each message's
 future, which is what releases its PUBACK. The queue is bounded: when it is full,
 QoS 1 submitters wait (the broker stops reading their sockets) and QoS 0 messages are
-dropped and counted.
+dropped and counted, their publisher's socket left unread for `QOS0_DROP_PAUSE_S`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from gateway.logs import get_logger
 from gateway.store.data import NO_COMPONENT, DeviceData, IngestBatch, dumps_extra
 
 log = get_logger("gateway.ingest")
+
+QOS0_DROP_PAUSE_S = 0.002  # a publisher whose QoS 0 message met a full queue rests this long
 
 Parsed = list[payloads.Reading] | payloads.Health | payloads.DeviceInfo | list[payloads.Component]
 
@@ -102,6 +104,9 @@ class Ingest:
             # Dropped before it is parsed: under overload, the CPU a parse would cost goes to
             # the writer (10 readings a PUBLISH: 3,300 stored/s while dropping, vs 15,400 at QoS 1).
             self._drop_qos0(device_id)
+            # And this publisher's socket rests a moment: reading messages only to drop them
+            # took the CPU the writer needed; its TCP window slows the sender meanwhile.
+            await asyncio.sleep(QOS0_DROP_PAUSE_S)
             return None
         received_at = utcnow()
         try:

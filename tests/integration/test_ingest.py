@@ -592,6 +592,33 @@ async def test_qos0_over_a_full_queue_is_dropped_and_counted(gateway: Harness) -
     assert stats.dropped_qos0 == dropped
 
 
+@pytest.mark.parametrize("settings", [TINY_QUEUE], indirect=True, ids=["tiny-queue"])
+async def test_a_qos0_publisher_that_meets_a_full_queue_rests_then_reads_on(
+    gateway: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a QoS 0 drop the broker leaves that publisher's socket unread for QOS0_DROP_PAUSE_S
+    (here 1 s), so that dropping costs no CPU the writer needs; then it reads on."""
+    from gateway import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "QOS0_DROP_PAUSE_S", 1.0)
+    device_id, client = await online(gateway)
+    stats = gateway.app.ingest.stats
+    count = 6
+
+    def read() -> int:
+        return stats.accepted + stats.dropped_qos0
+
+    async with write_locked(db_path(gateway)):
+        for i in range(count):
+            await client.publish(f"devices/{device_id}/readings", json.dumps({"sensor": "s", "value": i}))
+        await eventually(lambda: stats.dropped_qos0 >= 1, "a first drop")
+        seen = read()
+        await asyncio.sleep(0.3)
+        assert read() == seen < count, "resting: nothing more read"
+        await eventually(lambda: read() == count, "then every message read", timeout=10)
+    assert stats.dropped_qos0 >= 2
+
+
 # --- retention ------------------------------------------------------------------------------
 
 
