@@ -356,12 +356,18 @@ def latest_end(device_id: Any) -> Any:
 
 async def _refresh_validity(conn: AsyncConnection, device_ids: set[str]) -> None:
     """``devices.cert_not_after`` of these devices, from their certificates as they now stand
-    (in the transaction that changed them: every certificate insert and revocation ends here)."""
+    (in the transaction that changed them: every certificate insert and revocation ends here).
+
+    The rows are locked first, in a statement of their own: a transaction changing the same
+    device's certificates meanwhile is waited for, and the UPDATE that follows reads what it
+    committed (on PostgreSQL an UPDATE's subquery reads the snapshot its statement began with;
+    SQLite has one writer at a time and renders no lock).
+    """
     if device_ids:
+        ids = sorted(device_ids)
+        await conn.execute(select(devices.c.id).where(devices.c.id.in_(ids)).with_for_update(key_share=True))
         await conn.execute(
-            update(devices)
-            .where(devices.c.id.in_(sorted(device_ids)))
-            .values(cert_not_after=latest_end(devices.c.id))
+            update(devices).where(devices.c.id.in_(ids)).values(cert_not_after=latest_end(devices.c.id))
         )
 
 

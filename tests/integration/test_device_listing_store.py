@@ -7,6 +7,7 @@ PostgreSQL is the `postgres_url` fixture's (tests/conftest.py): a throwaway serv
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator
@@ -289,6 +290,38 @@ async def test_expiry_filter_follows_every_certificate_change(store: Store) -> N
     operator = dataclasses.replace(certificate("dev-a", soon, 5), kind=CertificateKind.OPERATOR)
     await store.credentials.add_certificate(operator, NOW)
     assert await expiring() == (["dev-b"], 1)
+
+
+async def test_concurrent_certificate_changes_leave_the_latest_end_right(store: Store) -> None:
+    """Two transactions changing one device's certificates at once: the one that waits for the other
+    computes the device's latest end from what the other committed (PostgreSQL's READ COMMITTED
+    would otherwise compute it from the snapshot its statement started with)."""
+    from gateway.store import credentials as store_credentials
+
+    soon, later = NOW + timedelta(days=3), NOW + timedelta(days=300)
+    await store.create_device(DeviceId("dev-c"), "C", NOW, certificate=certificate("dev-c", soon, 1))
+    await store.credentials.add_certificate(certificate("dev-c", soon, 2), NOW)
+    inserted = asyncio.Event()
+    async with store.engine.connect() as first, store.engine.connect() as second:
+        first_tx, second_tx = await first.begin(), await second.begin()
+
+        async def add_later() -> None:  # a renewal ending later, committed after the other starts
+            await store_credentials.insert_certificate(first, certificate("dev-c", later, 3), NOW)
+            inserted.set()
+            await asyncio.sleep(0.3)
+            await first_tx.commit()
+
+        async def revoke_one() -> None:  # an old one revoked meanwhile: waits for the first
+            await inserted.wait()
+            match = store_credentials.certificates.c.serial == f"{2:032x}"
+            await store_credentials._revoke(second, match, NOW)
+            await second_tx.commit()
+
+        await asyncio.gather(add_later(), revoke_one())
+    device = await store.get_device("dev-c")
+    assert device.certificate is not None and device.certificate.not_after == later
+    within_week = DeviceQuery(cert_expires_before=NOW + timedelta(days=7))
+    assert await ids(store, within_week) == []
 
 
 async def test_devices_created_together_list_like_any_and_a_taken_id_creates_none(store: Store) -> None:
