@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.cli.client import ApiClient
-from gateway.cli.common import print_json, print_record, settings_from
+from gateway.cli.common import print_json, print_record, print_table, settings_from
 from gateway.errors import ConfigError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -52,6 +52,30 @@ def show(record: dict[str, Any], json_out: bool) -> None:
         print_json(record)
         return
     print_record({key: _line(value) for key, value in record.items()})
+
+
+def show_page(
+    result: dict[str, Any],
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]],
+    noun: str,
+    json_out: bool,
+) -> None:
+    """A list response: with `json_out` the API's document as it came, else `rows` (the records
+    as table cells) and a ``3 of 40 site(s)`` line."""
+    if json_out:
+        print_json(result)
+        return
+    print_table(rows, columns)
+    typer.echo(f"{len(result['data'])} of {result['total']} {noun}(s)")
+
+
+def show_created(record: dict[str, Any], kind: str, json_out: bool) -> None:
+    """A record just created: the JSON document, or ``created site plant-north (Plant North)``."""
+    if json_out:
+        print_json(record)
+        return
+    typer.echo(f"created {kind} {record['id']} ({record['name']})")
 
 
 def _line(value: Any) -> Any:

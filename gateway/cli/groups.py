@@ -23,6 +23,7 @@ from gateway.cli.catalog import (
     confirmed,
     json_value,
     show,
+    show_page,
 )
 from gateway.cli.common import fails_cleanly, print_json, print_table
 from gateway.errors import ConfigError
@@ -105,11 +106,7 @@ def list_groups(
     """
     with client(ctx, api) as c:
         result = c.request("GET", "/device-groups", params={"limit": limit, "offset": offset})
-    if json_out:
-        print_json(result)
-        return
-    print_table([_row(g) for g in result["data"]], COLUMNS)
-    typer.echo(f"{len(result['data'])} of {result['total']} group(s)")
+    show_page(result, [_row(g) for g in result["data"]], COLUMNS, "group", json_out)
 
 
 @app.command("show")

@@ -21,6 +21,8 @@ from gateway.cli.catalog import (
     confirmed,
     json_value,
     show,
+    show_created,
+    show_page,
 )
 from gateway.cli.common import fails_cleanly, print_json, print_table
 
@@ -111,11 +113,7 @@ def list_profiles(
     """
     with client(ctx, api) as c:
         result = c.request("GET", "/device-profiles", params={"limit": limit, "offset": offset})
-    if json_out:
-        print_json(result)
-        return
-    print_table([_row(p) for p in result["data"]], COLUMNS)
-    typer.echo(f"{len(result['data'])} of {result['total']} profile(s)")
+    show_page(result, [_row(p) for p in result["data"]], COLUMNS, "profile", json_out)
 
 
 @app.command("show")
@@ -163,10 +161,7 @@ def create(
         body["id"] = profile_id
     with client(ctx, api) as c:
         profile = c.request("POST", "/device-profiles", json=body)["data"]
-    if json_out:
-        print_json(profile)
-        return
-    typer.echo(f"created profile {profile['id']} ({profile['name']})")
+    show_created(profile, "profile", json_out)
 
 
 @app.command()

@@ -20,8 +20,10 @@ from gateway.cli.catalog import (
     confirmed,
     json_value,
     show,
+    show_created,
+    show_page,
 )
-from gateway.cli.common import fails_cleanly, print_json, print_table
+from gateway.cli.common import fails_cleanly, print_json
 from gateway.errors import ConfigError
 
 app = typer.Typer(
@@ -98,11 +100,7 @@ def list_sites(
         params["search"] = search
     with client(ctx, api) as c:
         result = c.request("GET", "/sites", params=params)
-    if json_out:
-        print_json(result)
-        return
-    print_table([_row(s) for s in result["data"]], COLUMNS)
-    typer.echo(f"{len(result['data'])} of {result['total']} site(s)")
+    show_page(result, [_row(s) for s in result["data"]], COLUMNS, "site", json_out)
 
 
 @app.command("show")
@@ -149,10 +147,7 @@ def create(
         body["id"] = site_id
     with client(ctx, api) as c:
         site = c.request("POST", "/sites", json=body)["data"]
-    if json_out:
-        print_json(site)
-        return
-    typer.echo(f"created site {site['id']} ({site['name']})")
+    show_created(site, "site", json_out)
 
 
 @app.command()
