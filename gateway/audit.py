@@ -93,10 +93,7 @@ class Audit:
     async def record_many(self, entries: list[AuditEntry]) -> None:
         """Append entries (made by `entry`) in one transaction, as `record` appends one."""
         try:
-            if len(entries) == 1:
-                await self._store.append(entries[0], utcnow())
-            else:
-                await self._store.append_many(entries, utcnow())
+            await self._store.append_many(entries, utcnow())
         except Exception:
             log.exception(
                 "audit.append_failed",

@@ -45,13 +45,8 @@ class AuditStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def append(self, entry: AuditEntry, at: datetime) -> int:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(insert(audit_log).returning(audit_log.c.id).values(_row(entry, at)))
-            return int(result.scalar_one())
-
     async def append_many(self, entries: list[AuditEntry], at: datetime) -> None:
-        """Several entries in one transaction (a bulk registration's), in order."""
+        """Entries in one transaction (one action's, or a bulk registration's), in order."""
         if entries:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(audit_log), [_row(entry, at) for entry in entries])

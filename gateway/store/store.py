@@ -133,19 +133,7 @@ class Store:
         """A new ``pending`` device; with `certificate`, bound to it in the same transaction."""
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(
-                    insert(devices).values(
-                        id=device_id.value,
-                        name=name,
-                        name_lower=name.lower(),
-                        status=DeviceStatus.PENDING.value,
-                        blocked=False,
-                        created_at=now,
-                        updated_at=now,
-                        connection=Connection.OFFLINE.value,
-                        epoch=0,
-                    )
-                )
+                await conn.execute(insert(devices).values(_new_row(device_id.value, name, now)))
                 if certificate is not None:
                     await insert_certificate(conn, certificate, now)
                 return await self._device(conn, device_id.value)
@@ -262,19 +250,8 @@ class Store:
         rows: list[dict[str, Any]] = []
         labels: dict[str, list[dict[str, Any]]] = {name: [] for name in _LABEL_TABLES}
         for device in new:
-            values, chosen = _columns({**_NO_DETAILS, **device.details, "name": device.name})
-            rows.append(
-                {
-                    "id": device.device_id,
-                    "status": DeviceStatus.PENDING.value,
-                    "blocked": False,
-                    "created_at": now,
-                    "updated_at": now,
-                    "connection": Connection.OFFLINE.value,
-                    "epoch": 0,
-                    **values,
-                }
-            )
+            values, chosen = _columns({**_NO_DETAILS, **device.details})
+            rows.append({**_new_row(device.device_id, device.name, now), **values})
             for name, given in chosen.items():
                 labels[name] += _label_rows(name, device.device_id, given)
         if not rows:
@@ -435,6 +412,21 @@ class Store:
                     )
                 )
             return changes
+
+
+def _new_row(device_id: str, name: str, now: datetime) -> dict[str, Any]:
+    """The devices row of a device just registered: pending, offline, never connected."""
+    return {
+        "id": device_id,
+        "name": name,
+        "name_lower": name.lower(),
+        "status": DeviceStatus.PENDING.value,
+        "blocked": False,
+        "created_at": now,
+        "updated_at": now,
+        "connection": Connection.OFFLINE.value,
+        "epoch": 0,
+    }
 
 
 _NO_DETAILS: dict[str, object] = {  # a new device's detail fields, unless given
